@@ -1,0 +1,267 @@
+"""
+annotate.py: word-level causal links for any dataset, written by an assistant LLM behind an
+OpenAI-compatible endpoint (paper: Section 4.1 and Appendix B).
+
+    python annotate.py --task gsm8k --input raw.jsonl --output annotated.jsonl
+    OPENAI_BASE_URL=http://localhost:8000/v1 python annotate.py --task mawps --model Qwen2.5-7B-Instruct \\
+        --input mawps.jsonl --output mawps.annotated.jsonl --workers 8
+
+Reads rows with `input` and `target`; writes each row unchanged plus `important`, a list of
+{effect span: [cause spans]}, the format stg.py writes and cat.py reads. Rows are appended to --output as
+they finish; kill the run at any moment and rerun the same command to resume: no saved row is asked again,
+and the finished file lists the rows in input order. Rows that fail go to X.failed.jsonl with the reason.
+"""
+import argparse
+import concurrent.futures
+import email.utils
+import json
+import os
+import random
+import re
+import sys
+import threading
+import time
+from collections import Counter
+
+import requests
+from tqdm import tqdm
+
+PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
+TASKS = sorted(f[:-4] for f in os.listdir(PROMPTS) if f.endswith(".txt"))
+RETRY_STATUS = {408, 409, 429}  # and every 5xx
+
+parser = argparse.ArgumentParser(description="Annotate JSONL rows with causal links from an OpenAI-compatible endpoint.")
+parser.add_argument("--task", help=f"prompt template from prompts/: {', '.join(TASKS)}")
+parser.add_argument("--prompt", help="your own template file instead of --task; '{text}' marks where the row goes")
+parser.add_argument("--input", required=True, help="JSONL with input and target")
+parser.add_argument("--output", required=True, help="JSONL to write (and to resume from); failures go to X.failed.jsonl")
+parser.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"),
+                    help="endpoint root, without /chat/completions (default: $OPENAI_BASE_URL or OpenAI's)")
+parser.add_argument("--model", default="gpt-4o-mini", help="model name the endpoint knows")
+parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0: greedy)")
+parser.add_argument("--json-mode", action=argparse.BooleanOptionalAction, default=True,
+                    help="ask for response_format json_object; --no-json-mode for servers that reject it")
+parser.add_argument("--workers", type=int, default=4, help="requests in flight at once, one HTTP session each")
+parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one reply")
+parser.add_argument("--retries", type=int, default=5, help="attempts per row on timeouts, 408, 409, 429 and 5xx")
+parser.add_argument("--backoff", type=float, default=1.0,
+                    help="seconds before the first retry, doubled each attempt, with +-50%% jitter (Retry-After wins)")
+
+
+class Fatal(Exception):
+    """Stop the whole run: bad input, or an endpoint that refuses us (401)."""
+
+
+class RowFailed(Exception):
+    """This row could not be annotated; the message is the reason."""
+
+# -----------------------------------------------------------------------------
+# files
+
+
+def read_rows(path, output=False):
+    """Rows of a JSONL file. For --input, every line must be an object with `input` and `target`. For
+    --output (written by an earlier, maybe killed run), a torn last line is cut off the file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if output and data and not data.endswith(b"\n"):  # killed mid-write: drop the partial line
+        data = data[:data.rfind(b"\n") + 1]
+        with open(path, "wb") as f:
+            f.write(data)
+    rows = []
+    for n, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise Fatal(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        for field in ("input", "target"):
+            if not isinstance(row, dict) or field not in row:
+                raise Fatal(f"{path}:{n}: missing field '{field}'")
+        rows.append(row)
+    return rows
+
+
+def key(row):
+    """A row's identity, `important` aside: how a resumed run knows which input rows are saved."""
+    return json.dumps({k: v for k, v in row.items() if k != "important"}, sort_keys=True)
+
+
+def saved_positions(rows, saved):
+    """{input index: saved row}. Identical input rows are matched one-to-one, in order."""
+    left, out = Counter(key(r) for r in saved), {}
+    by_key = {key(r): r for r in saved}
+    for i, row in enumerate(rows):
+        if left[key(row)] > 0:
+            left[key(row)] -= 1
+            out[i] = by_key[key(row)]
+    return out
+
+# -----------------------------------------------------------------------------
+# the endpoint
+
+
+def retry_after(headers):
+    """Seconds the server asks us to wait: retry-after-ms, or Retry-After in seconds or as an HTTP date."""
+    if "retry-after-ms" in headers:
+        return float(headers["retry-after-ms"]) / 1000
+    value = headers.get("Retry-After")
+    if value is None:
+        return None
+    if re.fullmatch(r"\s*\d+(\.\d+)?\s*", value):
+        return float(value)
+    when = email.utils.parsedate_to_datetime(value)
+    return max(0.0, when.timestamp() - time.time())
+
+
+def ask(session, args, prompt, secret):
+    """POST one chat completion with retries; return (reply text, usage)."""
+    url = args.base_url.rstrip("/") + "/chat/completions"
+    body = {"model": args.model, "temperature": args.temperature, "messages": [{"role": "user", "content": prompt}]}
+    if args.json_mode:
+        body["response_format"] = {"type": "json_object"}
+    error = None
+    for attempt in range(args.retries):
+        wait = None
+        try:
+            r = session.post(url, json=body, timeout=args.timeout)
+        except (requests.Timeout, requests.ConnectionError) as e:
+            error = f"timed out after {args.timeout:g}s" if isinstance(e, requests.Timeout) else f"{type(e).__name__}"
+        except requests.RequestException as e:  # a malformed URL and the like: no row can succeed
+            raise Fatal(f"{url}: {scrub(str(e), secret)}") from None
+        else:
+            if r.status_code == 200:
+                try:
+                    reply = r.json()
+                    return reply["choices"][0]["message"]["content"], reply.get("usage") or {}
+                except (ValueError, KeyError, IndexError, TypeError):
+                    raise RowFailed(f"not a chat completion: {scrub(r.text[:200], secret)}") from None
+            error = f"HTTP {r.status_code}: {scrub(r.text[:300].strip(), secret)}"
+            if r.status_code == 401:
+                raise Fatal(f"{url} refused the request ({error})")
+            if r.status_code not in RETRY_STATUS and r.status_code < 500:
+                raise RowFailed(error)
+            wait = retry_after(r.headers)
+        if attempt + 1 < args.retries:
+            time.sleep(min(300.0, wait if wait is not None else args.backoff * 2 ** attempt * random.uniform(0.5, 1.5)))
+    raise RowFailed(f"gave up after {args.retries} attempts: {error}")
+
+
+def scrub(text, secret):
+    return text.replace(secret, "***") if secret else text
+
+
+def parse_links(reply, text):
+    """(important, spans dropped) from a reply: one JSON object mapping strings to lists of strings, bare or
+    inside a code fence or prose. Spans that do not occur in `text` are dropped and counted.
+
+    >>> parse_links('Sure:\\n```json\\n{"12.0": ["7 red", "9 blue"]}\\n```', "7 red and 5 blue? 12.0")
+    ([{'12.0': ['7 red']}], 1)
+    """
+    fenced = re.search(r"```(?:json)?\s*(.*?)```", reply, re.S)
+    candidates = [reply, fenced and fenced.group(1), reply[reply.find("{"):reply.rfind("}") + 1]]
+    for candidate in filter(None, candidates):
+        try:
+            links = json.loads(candidate)
+            break
+        except json.JSONDecodeError:
+            pass
+    else:
+        raise RowFailed(f"reply is not JSON: {reply[:200]!r}")
+    if not (isinstance(links, dict) and all(isinstance(c, list) and all(isinstance(s, str) for s in c)
+                                            for c in links.values())):
+        raise RowFailed(f"reply is not an object of lists of strings: {reply[:200]!r}")
+    important, dropped = [], 0
+    for effect, causes in links.items():
+        kept = [c for c in causes if c and c in text]
+        if not (effect and effect in text):
+            kept = []
+        dropped += len(causes) - len(kept) + (not (effect and effect in text))
+        if kept:
+            important.append({effect: kept})
+    if not important:
+        raise RowFailed(f"no usable link: no span of the reply occurs in the text ({reply[:200]!r})")
+    return important, dropped
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main(argv=None):
+    args = parser.parse_args(argv)
+    if args.workers < 1 or args.retries < 1:
+        raise Fatal("--workers and --retries must be at least 1")
+    if args.prompt is None and args.task not in TASKS:
+        raise Fatal(f"unknown --task {args.task!r}; known tasks: {', '.join(TASKS)} (or give --prompt FILE)")
+    with open(args.prompt or os.path.join(PROMPTS, args.task + ".txt"), encoding="utf-8") as f:
+        template = f.read()
+    if "{text}" not in template:
+        raise Fatal(f"{args.prompt}: the template has no '{{text}}' placeholder")
+    rows = read_rows(args.input)
+    done = saved_positions(rows, read_rows(args.output, output=True) if os.path.exists(args.output) else [])
+    todo = [i for i in range(len(rows)) if i not in done]
+    secret = os.environ.get("OPENAI_API_KEY", "")
+    failed_path = re.sub(r"(\.jsonl)?$", ".failed.jsonl", args.output, count=1)
+    sessions, tally, t0, stop = threading.local(), Counter(), time.time(), threading.Event()
+
+    def annotate(i):
+        if stop.is_set():  # a fatal answer came back: start no new request
+            raise Fatal("stopped")
+        if not hasattr(sessions, "s"):  # one HTTP session per worker thread
+            sessions.s = requests.Session()
+            if secret:  # optional: local servers need no key
+                sessions.s.headers["Authorization"] = f"Bearer {secret}"
+        text = rows[i]["input"] + str(rows[i]["target"])
+        try:
+            reply, usage = ask(sessions.s, args, template.replace("{text}", text), secret)
+        except Fatal:
+            stop.set()
+            raise
+        important, dropped = parse_links(reply, text)
+        return dict(rows[i], important=important), dropped, usage
+
+    print(f"{len(rows)} rows: {len(done)} saved by an earlier run, {len(todo)} to ask {args.base_url} ({args.model})")
+    bar = tqdm(total=len(todo), desc="annotate", disable=None)
+    with open(args.output, "a", encoding="utf-8") as out, open(failed_path, "w", encoding="utf-8") as failed, \
+            concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
+        futures = {pool.submit(annotate, i): i for i in todo}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                i = futures[future]
+                try:
+                    row, dropped, usage = future.result()
+                except RowFailed as e:
+                    failed.write(json.dumps({"line": i + 1, "reason": str(e), "row": rows[i]}, ensure_ascii=False) + "\n")
+                    failed.flush()
+                    tally["failed"] += 1
+                else:
+                    out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    out.flush()  # a kill loses at most the line being written, which the next run repairs
+                    done[i] = row
+                    tally.update(ok=1, dropped=dropped, prompt=usage.get("prompt_tokens", 0),
+                                 completion=usage.get("completion_tokens", 0))
+                bar.update()
+                bar.set_postfix(ok=tally["ok"], failed=tally["failed"])
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+    bar.close()
+    # rewrite the output in input order; os.replace is atomic, so a kill here leaves the old file whole
+    with open(args.output + ".tmp", "w", encoding="utf-8") as f:
+        for i in sorted(done):
+            f.write(json.dumps(done[i], ensure_ascii=False) + "\n")
+    os.replace(args.output + ".tmp", args.output)
+    if not tally["failed"]:
+        os.remove(failed_path)
+    print(f"rows {len(rows)} | ok {len(done)} ({tally['ok']} this run) | failed {tally['failed']}"
+          f"{f' (see {failed_path})' if tally['failed'] else ''} | spans dropped {tally['dropped']} | tokens "
+          f"{tally['prompt']} prompt + {tally['completion']} completion | {time.time() - t0:.1f}s")
+    return tally
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except Fatal as e:
+        sys.exit(f"annotate.py: error: {e}")
