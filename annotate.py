@@ -263,5 +263,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except Fatal as e:
+    except (Fatal, OSError) as e:  # bad input, a missing file, a 401: one line
         sys.exit(f"annotate.py: error: {e}")

@@ -414,10 +414,7 @@ def main(argv=None):
         raise BadInput(f"{args.train}: {len(rows)} rows, not enough to train (with --val {args.val})")
     train_rows, tests = rows[:len(rows) - args.val], {"val": rows[len(rows) - args.val:]} if args.val else {}
     tests.update({name: read_jsonl(path) for name, path in (("iid", args.test), ("ood", args.ood)) if path})
-    try:  # a bad --out fails now, not after training
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        raise BadInput(f"--out {args.out}: {e.strerror}") from None
+    os.makedirs(args.out, exist_ok=True)  # a bad --out fails now, not after training
     if not os.access(args.out, os.W_OK):
         raise BadInput(f"--out {args.out}: not writable")
     device, amp, why = pick_device(args.device)
@@ -453,5 +450,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except BadInput as e:
+    except (BadInput, OSError) as e:  # bad input, a missing file, an --out that cannot be made: one line
         sys.exit(f"cat.py: error: {e}")

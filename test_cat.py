@@ -466,18 +466,18 @@ def test_cat_end_to_end_writes_metrics_and_reloads(tmp_path):
     assert set(json.loads((tmp_path / "run2/metrics.json").read_text())) == {"iid", "links", "config"}
 
 
-@pytest.mark.parametrize("case", ["empty", "bad_json", "out_is_a_file"])
+@pytest.mark.parametrize("case", ["empty", "bad_json", "missing", "out_is_a_file"])
 def test_cat_bad_input_is_one_clear_line(tmp_path, case):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "bad.jsonl").write_text('{"input": "a", "target": "b", "important": []}\nnot json\n')
     stg.write_jsonl(tmp_path / "good.jsonl", stg.make_split("stg_e", "train", 8))
-    flags = {"empty": ["--train", "empty.jsonl"], "bad_json": ["--train", "bad.jsonl"],
+    flags = {"empty": ["--train", "empty.jsonl"], "bad_json": ["--train", "bad.jsonl"], "missing": ["--train", "no.jsonl"],
              "out_is_a_file": ["--train", "good.jsonl", "--out", "good.jsonl"]}[case]
     r = run_cat(*flags, "--test", "", "--ood", "", cwd=tmp_path)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     want = {"empty": "empty.jsonl: 0 rows", "bad_json": "bad.jsonl:2: not valid JSON",
-            "out_is_a_file": "--out good.jsonl: File exists"}[case]
+            "missing": "No such file or directory: 'no.jsonl'", "out_is_a_file": "File exists: 'good.jsonl'"}[case]
     assert last.startswith("cat.py: error:") and want in last
     assert "model:" not in r.stdout  # failed before any model was built
 
@@ -692,6 +692,10 @@ def test_annotate_bad_input_fails_before_any_request(tmp_path, endpoint):
     assert server.log == []
     with pytest.raises(annotate.Fatal, match="known tasks: arc_e, asdiv, generic, gsm8k, mawps, svamp"):
         annotate.main(["--task", "gsm9k", "--input", "x", "--output", "y"])
+    r = subprocess.run([sys.executable, os.path.join(HERE, "annotate.py"), "--task", "gsm8k", "--input", "no.jsonl",
+                        "--output", "y.jsonl"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == ["annotate.py: error: [Errno 2] No such file or directory: 'no.jsonl'"]
 
 
 def test_annotate_task_prompt_and_no_json_mode(tmp_path, endpoint):
