@@ -196,6 +196,8 @@ def parse_links(reply, text):
             pass
     else:
         raise RowFailed(f"reply is not JSON: {reply[:200]!r}")
+    if isinstance(links, dict):  # a cause given as one string is a list of one
+        links = {e: [c] if isinstance(c, str) else c for e, c in links.items()}
     if not (isinstance(links, dict) and all(isinstance(c, list) and all(isinstance(s, str) for s in c)
                                             for c in links.values())):
         raise RowFailed(f"reply is not an object of lists of strings: {reply[:200]!r}")

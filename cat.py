@@ -122,11 +122,13 @@ def read_jsonl(path, need_important=False):
             if not isinstance(row["input"], str):
                 raise BadInput(f"{path}:{n}: field 'input' must be a string")
             links = row.get("important", [])
+            if isinstance(links, list):  # a cause given as one string, as in a few of the authors' rows, is a list of one
+                links = [{e: [cs] if isinstance(cs, str) else cs for e, cs in x.items()} if isinstance(x, dict) else x for x in links]
             if not (isinstance(links, list) and all(isinstance(link, dict) for link in links) and all(
                     isinstance(e, str) and isinstance(cs, list) and all(isinstance(c, str) for c in cs)
                     for link in links for e, cs in link.items())):
                 raise BadInput(f'{path}:{n}: field \'important\' must be a list of {{"effect": ["cause", ...]}}')
-            rows.append(row)
+            rows.append(dict(row, important=links) if "important" in row else row)
     return rows
 
 
