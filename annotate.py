@@ -6,10 +6,9 @@ OpenAI-compatible endpoint (paper: Section 4.1 and Appendix B).
     OPENAI_BASE_URL=http://localhost:8000/v1 python annotate.py --task mawps --model Qwen2.5-7B-Instruct \\
         --input mawps.jsonl --output mawps.annotated.jsonl --workers 8
 
-Reads rows with `input` and `target`; writes each row unchanged plus `important`, a list of
-{effect span: [cause spans]}, the format stg.py writes and cat.py reads. Rows are appended to --output as
-they finish; kill the run at any moment and rerun the same command to resume: no saved row is asked again,
-and the finished file lists the rows in input order. Rows that fail go to X.failed.jsonl with the reason.
+Reads rows with `input` and `target`; writes each row unchanged plus `important`, a list of {effect span:
+[cause spans]}, the format stg.py writes and cat.py reads (the rules for both, `read_rows` and `find_spans`, are
+here). Kill a run at any moment and rerun it to resume; rows that fail go to X.failed.jsonl with the reason.
 """
 import argparse
 import concurrent.futures
@@ -50,7 +49,7 @@ parser.add_argument("--backoff", type=float, default=1.0,
 
 
 class Fatal(Exception):
-    """Stop the whole run: bad input, or an endpoint that refuses us (401, 404)."""
+    """Stop the whole run: bad input (the message names the file, line and field), or an endpoint that refuses us."""
 
 
 class RowFailed(Exception):
@@ -60,9 +59,11 @@ class RowFailed(Exception):
 # files
 
 
-def read_rows(path, output=False):
-    """Rows of a JSONL file. For --input, every line must be an object with `input` and `target`. For
-    --output (written by an earlier, maybe killed run), a torn last line is cut off the file."""
+def read_rows(path, output=False, need_important=False):
+    """Rows of a JSONL file, for annotate.py and cat.py alike: every line an object with a string `input`, a
+    `target` and, where given (and with `need_important`, always), `important` as a list of {effect: [causes]}.
+    A bad line raises Fatal naming file, line and field. For --output (written by an earlier, maybe killed run),
+    a torn last line is cut off the file."""
     with open(path, "rb") as f:
         data = f.read()
     if output and data and not data.endswith(b"\n"):  # killed mid-write: drop the partial line
@@ -77,9 +78,16 @@ def read_rows(path, output=False):
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise Fatal(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        for field in ("input", "target"):
+        for field in ["input", "target"] + ["important"] * need_important:
             if not isinstance(row, dict) or field not in row:
                 raise Fatal(f"{path}:{n}: missing field '{field}'")
+        if not isinstance(row["input"], str):
+            raise Fatal(f"{path}:{n}: field 'input' must be a string")
+        if "important" in row:
+            links = [as_links(x) for x in row["important"]] if isinstance(row["important"], list) else [None]
+            if None in links:
+                raise Fatal(f'{path}:{n}: field \'important\' must be a list of {{"effect": ["cause", ...]}}')
+            row = dict(row, important=links)
         rows.append(row)
     return rows
 
@@ -178,6 +186,15 @@ def linkable(text, effect, cause):
     return any(c + len(cause) <= max(starts, default=-1) for c in find_spans(text, cause))
 
 
+def as_links(obj):
+    """`obj`, one {effect: [causes]} object of a reply or of a row's `important`, a cause given as one string read
+    as a list of one (as in a few of the authors' rows); None if it has another shape."""
+    if not isinstance(obj, dict):
+        return None
+    links = {e: [c] if isinstance(c, str) else c for e, c in obj.items()}
+    return links if all(isinstance(c, list) and all(isinstance(s, str) for s in c) for c in links.values()) else None
+
+
 def parse_links(reply, text):
     """(important, links dropped) from a reply: one JSON object mapping strings to lists of strings, bare or
     inside a code fence or prose. Links cat.py could not use (see `linkable`) are dropped and counted, each
@@ -196,10 +213,8 @@ def parse_links(reply, text):
             pass
     else:
         raise RowFailed(f"reply is not JSON: {reply[:200]!r}")
-    if isinstance(links, dict):  # a cause given as one string is a list of one
-        links = {e: [c] if isinstance(c, str) else c for e, c in links.items()}
-    if not (isinstance(links, dict) and all(isinstance(c, list) and all(isinstance(s, str) for s in c)
-                                            for c in links.values())):
+    links = as_links(links)
+    if links is None:
         raise RowFailed(f"reply is not an object of lists of strings: {reply[:200]!r}")
     important, dropped = [], 0
     for effect, causes in links.items():
@@ -231,21 +246,21 @@ def main(argv=None):
     todo = [i for i in range(len(rows)) if i not in done]
     secret = os.environ.get("OPENAI_API_KEY", "")
     failed_path = re.sub(r"(\.jsonl)?$", ".failed.jsonl", args.output, count=1)
-    sessions, tally, t0, stop = threading.local(), Counter(), time.time(), threading.Event()
+    sessions, tally, t0, fatal = threading.local(), Counter(), time.time(), []  # fatal: the first answer that stops the run
 
     def annotate(i):
-        if stop.is_set():  # a fatal answer came back: start no new request
-            raise Fatal("stopped")
+        if fatal:  # start no new request; whichever row the run stops on, it stops with the server's answer
+            raise Fatal(str(fatal[0]))
         if not hasattr(sessions, "s"):  # one HTTP session per worker thread
             sessions.s = requests.Session()
             if secret:  # optional: local servers need no key
                 sessions.s.headers["Authorization"] = f"Bearer {secret}"
         text, usage = rows[i]["input"] + str(rows[i]["target"]), Counter()
-        for attempt in range(args.retries):  # a reply that cannot be used is asked for again
+        for _ in range(args.retries):  # a reply that cannot be used is asked for again
             try:
                 reply, used = ask(sessions.s, args, template.replace("{text}", text), secret)
-            except Fatal:
-                stop.set()
+            except Fatal as e:
+                fatal.append(e)
                 raise
             usage.update({k: used.get(k, 0) for k in ("prompt_tokens", "completion_tokens")})
             try:

