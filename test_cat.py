@@ -1360,7 +1360,7 @@ def test_bench_smollm2_alpha_grid_on_validation():
     settings fixed (all weights trained, lr 1e-4, 3 epochs, gamma = exp(-epoch), seed 42): a grid scaled to the model's
     own C/N before training, 0 and 1x, 1.5x, 2x, 3x, 5x of it, on STG_S; on a GPU, then 0 and STG_S's best on STG_M, to
     see whether it holds on the larger size. The default must be STG_S's best. Each run is scored on the test sets
-    too, and the table reuses the runs it shares (about 2 hours on 2 cores)."""
+    too, and the table reuses the runs it shares (about 2.5 hours on 2 cores)."""
     files, ratio = stg_files(val=True), smollm2_start_ratio()
     grid = [0.0] + [round(k * ratio, 2) for k in (1, 1.5, 2, 3, 5)]
     job = lambda size, a: (f"out/smollm2/{size}_alpha{a:g}_42", ["--model", "smollm2", *files[size], "--seed", "42", "--alpha", str(a)])
@@ -1370,9 +1370,11 @@ def test_bench_smollm2_alpha_grid_on_validation():
     if torch.cuda.is_available():
         val.update({("M", a): m["val"]["accuracy"] for a, m in zip(on_m, run_many([job("M", a) for a in on_m], HERE))})
     print(f"\n{time.strftime('%Y-%m-%d')}, SmolLM2, C/N before training {ratio:.3f}; validation accuracy (200 rows), seed 42:")
-    print("| alpha | x C/N | STG_S | STG_M | STG_S's IID / OOD test accuracy, not used to choose |\n|---|---|---|---|---|")
+    sizes = "SM" if torch.cuda.is_available() else "S"
+    print(f"| alpha | x C/N | {' | '.join(f'STG_{size}' for size in sizes)} | STG_S's IID / OOD test accuracy, not used to choose |\n"
+          + "|---" * (len(sizes) + 3) + "|")
     for a in grid:
-        print(f"| {a:g} | {a / ratio:.1f} | " + " | ".join("-" if (size, a) not in val else f"{100 * val[size, a]:.1f}" for size in "SM")
+        print(f"| {a:g} | {a / ratio:.1f} | " + " | ".join("-" if (size, a) not in val else f"{100 * val[size, a]:.1f}" for size in sizes)
               + f" | {100 * on_s[a]['iid']['accuracy']:.1f} / {100 * on_s[a]['ood']['accuracy']:.1f} |")
     best = on_m[1]  # CAT's alpha; 0 is the vanilla baseline beside it
     print(f"best CAT alpha on STG_S: {best:g} ({best / ratio:.1f} x C/N); the default is {cat.DEFAULTS['smollm2']['alpha']:g}")
@@ -1380,8 +1382,11 @@ def test_bench_smollm2_alpha_grid_on_validation():
     scales = (1.5, 2)
     jobs = [(f"out/smollm2/S_skipfirst_scale{k:g}_42", ["--model", "smollm2", *files["S"], "--seed", "42", "--skip-first",
                                                         "--alpha-scale", str(k)]) for k in scales]
-    variant = {k: m["val"]["accuracy"] for k, m in zip(scales, run_many(jobs, HERE))}
-    print("--skip-first on STG_S, validation accuracy: " + ", ".join(f"{k:g} x its C/N: {100 * v:.1f}" for k, v in variant.items()))
+    runs = dict(zip(scales, run_many(jobs, HERE)))
+    variant = {k: m["val"]["accuracy"] for k, m in runs.items()}
+    print("--skip-first on STG_S, validation accuracy (IID / OOD test accuracy): " + ", ".join(
+        f"{k:g} x its C/N {m['start_ratio']:.2f}: {100 * m['val']['accuracy']:.1f} ({100 * m['iid']['accuracy']:.1f} / "
+        f"{100 * m['ood']['accuracy']:.1f})" for k, m in runs.items()))
     assert cat.DEFAULTS["smollm2"]["alpha"] == best and SKIP_FIRST_SCALE == max(scales, key=variant.get)
 
 
