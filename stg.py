@@ -4,13 +4,12 @@ stg.py: the Spurious Token Game (STG), the benchmark of Causal Attention Tuning
 
     python stg.py --out data              # seed 42; same seed, byte-identical files
 
-Each example lists attributes as `Name: value` pairs and asks for an answer that only
-the *causal* attributes decide. *Spurious* attributes are copies of causal ones in the
-training data and the IID test, so a model can shortcut through them; in the OOD test the
-copies are drawn independently and the shortcut breaks. *Irrelevant* attributes are noise.
-
-STG_E (easy): lung-cancer risk, "High Risk" or "Low Risk", from 8 attributes.
-STG_H (hard): an air-quality index, an integer 0..100, from 14 attributes.
+Each example lists attributes as `Name: value` pairs and asks for an answer that only the
+*causal* attributes decide. *Spurious* attributes are copies of causal ones in the training data
+and the IID test, so a model can shortcut through them; in the OOD test the copies are drawn
+independently and the shortcut breaks (`baselines` scores it). *Irrelevant* ones are noise.
+STG_E (easy): lung-cancer risk, "High Risk" or "Low Risk", from 8 attributes; STG_H (hard): an
+air-quality index, an integer 0..100, from 14 attributes.
 
 Every JSONL row has the fields of the authors' published files plus `factors`:
     input      the question, ending in "Answer: "
@@ -22,11 +21,15 @@ import argparse
 import json
 import os
 import random
+import re
+from collections import Counter
+from statistics import fmean
 
 # -----------------------------------------------------------------------------
 # STG_E: 3 causal, 3 spurious, 2 irrelevant attributes, each 1..10
 
-STG_E_PROMPT = "Here is the statistical data for a person. Please predict the probability of cancer. "
+STG_E_PROMPT = ("Here is the statistical data for a person. "
+                "Please predict the probability of cancer. ")
 
 
 def stg_e_label(smoking, weight, exercise):
@@ -112,7 +115,8 @@ def stg_h_example(rng, ood=False):
         return rng.randint(lo * 10, hi * 10)
 
     causes = [draw(k) for k in range(len(STG_H_CAUSES))]
-    causal = [f"{name}: {tenths(c)}{unit}" for (name, _, _, unit, _), c in zip(STG_H_CAUSES, causes)]
+    causal = [f"{name}: {tenths(c)}{unit}"
+              for (name, _, _, unit, _), c in zip(STG_H_CAUSES, causes)]
     spurious = []
     for name, k, slope, sd, integer in STG_H_SPURIOUS:
         cause = draw(k) if ood else causes[k]
@@ -121,9 +125,47 @@ def stg_h_example(rng, ood=False):
     irrelevant = [f"City Anniversary: {ordinal(rng.randint(1, 100))}",
                   f"Average Internet Speed: {tenths(rng.randint(800, 1200))}Mbps",
                   f"Number of Libraries: {rng.randint(10, 50)}"]
-    text = ". ".join("; ".join(group) for group in (causal, spurious, irrelevant)) + ". " + STG_H_QUESTION
+    groups = (causal, spurious, irrelevant)
+    text = ". ".join("; ".join(group) for group in groups) + ". " + STG_H_QUESTION
     aqi = stg_h_aqi(causes)
     return make_row(text, aqi, f"Answer: {aqi}", causal, spurious, irrelevant)
+
+# -----------------------------------------------------------------------------
+# baselines: what answers that never read a cause score
+
+
+def baselines(train_rows, rows):
+    """Accuracy on `rows` (with `factors`) of `majority`, always the most common training target,
+    and of `shortcut`, the answer read off the spurious values x = (1, spurious...). STG_E: the
+    label rule with Yellow fingers / 1.5, Clothing size and 2 x Hormones put for Smoking, Weight
+    and Exercise, x·(0, 8, 7, -20) >= 72. STG_H: x·w rounded, w fitted to the training rows by
+    least squares; for both, also the mean absolute error (`*_mae`)."""
+    top = Counter(r["target"] for r in train_rows).most_common(1)[0][0]
+    x = lambda r: [1.0] + [float(re.search(r": (-?[\d.]+)", s).group(1))
+                           for s in r["factors"]["spurious"]]
+    dot = lambda w, v: sum(a * b for a, b in zip(w, v))
+    if isinstance(top, str):
+        guess = lambda r: "High Risk" if dot((0, 8, 7, -20), x(r)) >= 72 else "Low Risk"
+    else:
+        import torch  # here alone: the rest of stg.py needs only the standard library
+        X, y = torch.tensor([x(r) for r in train_rows], dtype=torch.float64), \
+            torch.tensor([[float(r["target"])] for r in train_rows], dtype=torch.float64)
+        w = torch.linalg.lstsq(X, y).solution.flatten().tolist()  # argmin_w Σ (x·w - y)²
+        guess = lambda r: min(100, max(0, round(dot(w, x(r)))))
+    result = {"majority_answer": top, "majority": fmean(r["target"] == top for r in rows),
+              "shortcut": fmean(guess(r) == r["target"] for r in rows)}
+    if not isinstance(top, str):
+        result.update(majority_mae=fmean(abs(r["target"] - top) for r in rows),
+                      shortcut_mae=fmean(abs(guess(r) - r["target"]) for r in rows))
+    return result
+
+
+def describe_baselines(b):
+    """majority ('Low Risk') 67.0%, shortcut 97.5%; for STG_H, with their mean absolute errors."""
+    mae = lambda k: f" (MAE {b[k + '_mae']:.1f})" if k + "_mae" in b else ""
+    return (f"majority ({b['majority_answer']!r}) {100 * b['majority']:.1f}%{mae('majority')}, "
+            f"shortcut {100 * b['shortcut']:.1f}%{mae('shortcut')}")
+
 
 # -----------------------------------------------------------------------------
 # rows, splits, files
@@ -152,9 +194,8 @@ FILES = {
 
 
 def make_split(task, split, n, seed=42):
-    """The first `n` rows of one split ("train", "test" or "ood") of "stg_e" or "stg_h".
-    Each (task, split, seed) has its own random stream, so the first 400 rows of a split are
-    the same whatever `n` is: that is what makes the training sizes nested."""
+    """The first `n` rows of split "train", "test" or "ood" of "stg_e" or "stg_h". Each (task,
+    split, seed) has its own random stream: the training sizes are nested."""
     rng = random.Random(f"{task}/{split}/{seed}")  # str seeds are hashed with sha512: stable
     example = stg_e_example if task == "stg_e" else stg_h_example
     return [example(rng, ood=(split == "ood")) for _ in range(n)]
@@ -182,7 +223,8 @@ def main(argv=None):
         description="Write the STG_E and STG_H benchmark files (8 JSONL files, see README).",
         epilog="An existing output folder is overwritten file by file; other files in it are kept.")
     parser.add_argument("--out", default="data", help="output folder (default: data)")
-    parser.add_argument("--seed", type=int, default=42, help="random seed; same seed, same bytes (default: 42)")
+    parser.add_argument("--seed", type=int, default=42,
+                        help="random seed; same seed, same bytes (default: 42)")
     args = parser.parse_args(argv)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         parser.exit(2, f"stg.py: error: --out {args.out} is a file, not a folder\n")

@@ -7,6 +7,7 @@ are built from a config and tokenizers are trained in-process.
 import argparse
 import concurrent.futures
 import email.utils
+import hashlib
 import html
 import html.parser
 import importlib.util
@@ -16,8 +17,10 @@ import math
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 import unittest.mock
 from collections import Counter
 from fractions import Fraction
@@ -546,44 +549,146 @@ def test_cat_end_to_end_writes_metrics_report_and_reloads(tmp_path):
     assert metrics["log"][0]["C/N"] == pytest.approx(metrics["start_ratio"], rel=0.3)  # its first batch: near the start
 
 
-@pytest.mark.parametrize("case", ["empty", "bad_json", "missing", "out_is_a_file", "alpha_twice", "compare_no_run"])
-def test_cat_bad_input_is_one_clear_error_before_any_model(tmp_path, case, monkeypatch):
+GOOD_ROW = json.dumps({"input": "Smoking: 8 Answer: ", "target": "High Risk",
+                       "important": [{"High Risk": ["Smoking: 8"]}]})
+GOOD = GOOD_ROW.encode()
+# what people feed cat.py: (the training file's bytes, flags) -> what its one error line must say
+CAT_CATALOGUE = {
+    "binary file": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", [], "train.jsonl:1: not UTF-8 text (byte 0x89"),
+    "latin-1 line": ((GOOD_ROW + "\n" + GOOD_ROW.replace("Smoking", "Fumée")).encode("latin-1"), [],
+                     "train.jsonl:2: not UTF-8 text (byte 0xe9"),
+    "empty": (b"", [], "train.jsonl: 0 rows"),
+    "blank lines only": (b"\n  \n\n", [], "train.jsonl: 0 rows"),
+    "not JSON": (GOOD + b"\nnot json\n", [], "train.jsonl:2: not valid JSON"),
+    "torn last line": (GOOD + b'\n{"input": "Smoking: 3', [], "train.jsonl:2: not valid JSON"),
+    "a list, not an object": (b"[1, 2]\n", [], "train.jsonl:1: missing field 'input'"),
+    "no important": (b'{"input": "a", "target": "b"}\n', [], "train.jsonl:1: missing field 'important'"),
+    "null target": (b'{"input": "a", "target": null, "important": []}\n', [], "train.jsonl:1: field 'target' must"),
+    "boolean target": (b'{"input": "a", "target": true, "important": []}\n', [], "train.jsonl:1: field 'target'"),
+    "important a dict": (b'{"input": "a", "target": "b", "important": {"b": "a"}}\n', [], "train.jsonl:1: field "
+                         "'important' must be a list"),
+    "factors a string": (b'{"input": "a", "target": "b", "important": [], "factors": "x"}\n', [],
+                         "train.jsonl:1: field 'factors' must be"),
+    "train is a folder": (None, ["--train", "."], "Is a directory: '.'"),
+    "no test file": (GOOD, ["--test", "no.jsonl"], "No such file or directory: 'no.jsonl'"),
+    "empty test file": (GOOD, ["--test", "empty.jsonl"], "empty.jsonl: 0 rows, nothing to test"),
+    "val takes every row": (GOOD, ["--val", "1"], "train.jsonl: 1 rows, not enough to train (--val 1)"),
+    "--epochs 0": (GOOD, ["--epochs", "0"], "--epochs 0: needs at least 1"),
+    "--lr -1": (GOOD, ["--lr", "-1"], "--lr -1.0: needs a positive number"),
+    "--lr nan": (GOOD, ["--lr", "nan"], "--lr nan: needs a positive number"),
+    "--grad-accum 0": (GOOD, ["--grad-accum", "0"], "--grad-accum 0: needs at least 1"),
+    "--eval-batch-size 0": (GOOD, ["--eval-batch-size", "0"], "--eval-batch-size 0: needs at least 1"),
+    "--batch-size 0": (GOOD, ["--batch-size", "0"], "--batch-size 0: needs at least 1"),
+    "--max-length 0": (GOOD, ["--max-length", "0"], "--max-length 0: needs at least 1 token"),
+    "--max-new-tokens 0": (GOOD, ["--max-new-tokens", "0"], "--max-new-tokens 0: needs at least 1"),
+    "--alpha -1": (GOOD, ["--alpha", "-1"], "--alpha -1.0: needs 0 (vanilla) or more"),
+    "--alpha-scale -2": (GOOD, ["--alpha-scale", "-2"], "--alpha-scale -2.0: needs 0 or more"),
+    "--alpha and --alpha-scale": (GOOD, ["--alpha", "1", "--alpha-scale", "2"],
+                                  "--alpha and --alpha-scale: give one of them"),
+    "--warmup 1.5": (GOOD, ["--warmup", "1.5"], "--warmup 1.5: needs a fraction from 0 to 1"),
+    "--val -1": (GOOD, ["--val", "-1"], "--val -1: needs 0 or more rows"),
+    "--lora-r 0": (GOOD, ["--lora", "--lora-r", "0"], "--lora-r 0: needs at least 1"),
+    "--lora-dropout 1": (GOOD, ["--lora-dropout", "1"], "--lora-dropout 1.0: needs a probability"),
+    "--lora-targets q_proj,": (GOOD, ["--lora-targets", "q_proj,"], "--lora-targets q_proj,: needs comma-separated"),
+    "--analysis-rows -1": (GOOD, ["--analysis-rows", "-1"], "--analysis-rows -1: needs 0 (all rows) or more"),
+    "--log-every -1": (GOOD, ["--log-every", "-1"], "--log-every -1: needs 0 (no log lines) or more"),
+    "--device banana": (GOOD, ["--device", "banana"], "--device banana: not a torch device"),
+    "--device cuda, none here": (GOOD, ["--device", "cuda"], "--device cuda: there is no cuda device here"),
+    "--model missing.gguf": (GOOD, ["--model", "missing.gguf"], "--model missing.gguf: no such GGUF file"),
+    "--out is a file": (GOOD, ["--out", "train.jsonl"], "File exists: 'train.jsonl'"),
+    "--compare no run": (GOOD, ["--compare", "."], "--compare .: no finished cat.py run there"),
+    "--resume, no checkpoint": (GOOD, ["--resume"], "--resume: no checkpoint in out/"),
+}
+
+
+@pytest.mark.parametrize("case", CAT_CATALOGUE)
+def test_cat_bad_flags_and_files_are_one_line_before_any_model(tmp_path, case, monkeypatch):
+    """Every catalogued mistake is found before a model loads, in one line naming the file and line, or the flag
+    and the value it needs (which __main__ prints, exit 2)."""
+    content, flags, want = CAT_CATALOGUE[case]
+    if case == "--device cuda, none here" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    if content is not None:
+        (tmp_path / "train.jsonl").write_bytes(content)
     (tmp_path / "empty.jsonl").write_text("")
-    (tmp_path / "bad.jsonl").write_text('{"input": "a", "target": "b", "important": []}\nnot json\n')
-    stg.write_jsonl(tmp_path / "good.jsonl", stg.make_split("stg_e", "train", 8))
-    flags = {"empty": ["--train", "empty.jsonl"], "bad_json": ["--train", "bad.jsonl"], "missing": ["--train", "no.jsonl"],
-             "out_is_a_file": ["--train", "good.jsonl", "--out", "good.jsonl"],
-             "alpha_twice": ["--train", "good.jsonl", "--alpha", "1", "--alpha-scale", "2"],
-             "compare_no_run": ["--train", "good.jsonl", "--compare", "."]}[case]
-    want = {"empty": "empty.jsonl: 0 rows", "bad_json": "bad.jsonl:2: not valid JSON",
-            "missing": "No such file or directory: 'no.jsonl'", "out_is_a_file": "File exists: 'good.jsonl'",
-            "alpha_twice": "--alpha and --alpha-scale: give one of them",
-            "compare_no_run": "--compare .: no finished cat.py run there (metrics.json and attention.json)"}[case]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cat, "load_model", lambda *a: pytest.fail("a model was built before the input was checked"))
-    with pytest.raises((cat.BadInput, OSError), match=re.escape(want)):  # what __main__ turns into one line, exit 2
-        cat.main([*flags, "--test", "", "--ood", ""])
+    with pytest.raises((cat.BadInput, OSError)) as e:
+        cat.main(["--train", "train.jsonl", "--test", "", "--ood", "", *flags])
+    assert want in str(e.value) and "\n" not in str(e.value)
 
 
-def test_cat_bad_input_is_one_line_and_exit_2(tmp_path):
-    r = run_cat("--train", "no.jsonl", cwd=tmp_path)
-    assert r.returncode == 2 and r.stderr.splitlines() == ["cat.py: error: [Errno 2] No such file or directory: 'no.jsonl'"]
+def test_cat_reads_a_bom_crlf_and_blank_lines(tmp_path):
+    rows = stg.make_split("stg_e", "train", 3)
+    text = "\r\n\r\n".join(json.dumps(r) for r in rows) + "\r\n"
+    (tmp_path / "t.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())  # as some editors save it
+    assert cat.read_rows(str(tmp_path / "t.jsonl"), need_important=True) == rows
+
+
+def test_cat_errors_are_one_line_exit_2_and_nothing_before(tmp_path):
+    (tmp_path / "bin.jsonl").write_bytes(b"\x00\xff\xfe binary")
+    for flags, line in [(["--train", "no.jsonl"], "[Errno 2] No such file or directory: 'no.jsonl'"),
+                        (["--train", "bin.jsonl"], "bin.jsonl:1: not UTF-8 text (byte 0xff at column 2); is it a "
+                                                   "JSONL file?"),
+                        (["--epochs", "0"], "--epochs 0: needs at least 1"),
+                        (["--model", "missing.gguf"], "--model missing.gguf: no such GGUF file")]:
+        r = run_cat(*flags, cwd=tmp_path)
+        assert (r.returncode, r.stdout, r.stderr.splitlines()) == (2, "", [f"cat.py: error: {line}"])
 
 
 def test_cat_unloadable_model_gives_the_loaders_reason(tmp_path):
     (tmp_path / "t.jsonl").write_text(json.dumps({"input": "a", "target": "b", "important": []}) + "\n")
     r = run_cat("--train", "t.jsonl", "--test", "", "--ood", "", "--model", str(tmp_path / "nope"), cwd=tmp_path)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr
     assert re.match(r"cat\.py: error: cannot load --model .*nope: \S", r.stderr.strip().splitlines()[-1])
 
 
-def test_defaults_follow_the_model():
-    args = lambda *flags: cat.resolve(cat.parser.parse_args(list(flags)))
-    smol, smol_lora, other = args("--model", "smollm2"), args("--model", "smollm2", "--lora"), args("--model", "org/m", "--lora")
-    assert smol.alpha == smol_lora.alpha == cat.DEFAULTS["smollm2"]["alpha"] > 0.2  # above SmolLM2's C/N before training
-    assert (smol.lr, smol_lora.lr, other.lr, args("--model", "org/m").lr) == (1e-4, 1e-3, 1e-4, 5e-5)
-    assert args("--lora").epochs == 40 and args("--alpha", "0.5").alpha == 0.5
-    assert args("--alpha-scale", "2").alpha is None  # set from the model's own C/N once it is loaded
+def test_rows_whose_answer_max_length_cuts_off_are_named_and_left_out(tmp_path, monkeypatch):
+    rows = stg.make_split("stg_e", "train", 6)
+    long = dict(rows[1], input="Room size: 1, " * 40 + rows[1]["input"])
+    written = [rows[0], long, rows[2], rows[3], long, rows[4]]
+    stg.write_jsonl(tmp_path / "t.jsonl", written)
+    r = run_cat("--train", "t.jsonl", "--test", "", "--ood", "", "--batch-size", "2", "--epochs", "1",
+                "--max-length", "64", "--log-every", "1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "--max-length 64 cuts off the whole answer of 2 of 6 training rows, left out: rows 2, 5 of " \
+        "t.jsonl" in r.stdout
+    assert r.stdout.count("step ") == 2  # 4 rows left in micro-batches of 2, each one trained on
+    # none left: the run stops before training, naming the flag and the longest row's token count
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cat, "train", lambda *a, **k: pytest.fail("training started"))
+    tok = cat.train_tokenizer(r["input"] + r["target"] for r in written)
+    longest = len(tok(long["input"] + long["target"] + tok.eos_token)["input_ids"])
+    with pytest.raises(cat.BadInput) as e:
+        cat.main(["--train", "t.jsonl", "--test", "", "--ood", "", "--batch-size", "2", "--max-length", "8"])
+    assert str(e.value) == ("--max-length 8 cuts off the whole answer of every training row (the longest "
+                            f"row has {longest} tokens): raise it") and longest > 100
+
+
+def test_stg_baselines_on_rows_computed_by_hand():
+    def row(target, yellow, clothing, hormones):
+        spurious = [f"Yellow fingers: {yellow}", f"Clothing size: {clothing}", f"Hormones: {hormones}"]
+        return {"input": ", ".join(spurious) + " Answer: ", "target": target,
+                "factors": {"causal": [], "spurious": spurious, "irrelevant": []}}
+    train = [row("Low Risk", 1, 1, 1), row("Low Risk", 2, 2, 2), row("High Risk", 9, 9, 0)]
+    # the rule on the copies, 8·Y + 7·C - 20·H >= 72: 72 + 42 - 20 = 94, High (right); 72 + 63 = 135, High
+    # (right); 72 exactly, High (wrong); 8 + 63 - 20 = 51, Low (right). The majority, Low, is right twice.
+    test = [row("High Risk", 9, 6, 1), row("High Risk", 9, 9, 0), row("Low Risk", 9, 0, 0), row("Low Risk", 1, 9, 1)]
+    assert stg.baselines(train, test) == {"majority_answer": "Low Risk", "majority": 0.5, "shortcut": 0.75}
+    assert stg.describe_baselines(stg.baselines(train, test)) == "majority ('Low Risk') 50.0%, shortcut 75.0%"
+
+    # STG_H: a target that is a linear function of the spurious values is fitted exactly
+    def h_row(target, values):
+        spurious = [f"S{k}: {v}" for k, v in enumerate(values)]
+        return {"input": "", "target": target, "factors": {"causal": [], "spurious": spurious, "irrelevant": []}}
+    values = [[3, 1.5, 2, 4, 0], [5, 0.5, 1, 2, 7], [1, 2.5, 3, 3, 1], [2, 1.0, 2, 6, 4], [4, 3.0, 1, 1, 2],
+              [6, 0.0, 2, 2, 3], [3, 1.5, 2, 4, 0], [0, 1.0, 5, 2, 8]]
+    f = lambda v: round(10 + 2 * v[0] - 4 * v[1] + v[3] + 3 * v[4])  # 14, 41, 8, 28, 13, 33, 14, 32
+    train = [h_row(f(v), v) for v in values]  # 14 twice: the majority
+    test = [h_row(f(values[0]), values[0]), h_row(f(values[1]) + 3, values[1])]  # 14 exactly; 44, fit 41
+    b = stg.baselines(train, test)
+    assert (b["majority_answer"], b["majority"], b["majority_mae"]) == (14, 0.5, (0 + 30) / 2)
+    assert b["shortcut"] == 0.5 and b["shortcut_mae"] == pytest.approx((0 + 3) / 2)
 
 
 @pytest.mark.parametrize("prediction, target, ok", [
@@ -949,11 +1054,16 @@ def test_annotate_handles_every_kind_of_reply(tmp_path, endpoint, monkeypatch, c
     assert 0.28 <= times["ratems"][1] - times["ratems"][0] < 0.9  # retry-after-ms: 300
     # dropped links, each (effect, cause) once: (has 7, Mary) and (Zorro, Tom) of 'absent', (Answer: 7, om) of 'inword'
     assert tally["ok"] == 10 and tally["failed"] == 4 and tally["dropped"] == 3
-    assert tally["prompt"] == 100 * 11  # ten rows, 'flaky' asked twice
+    # every request counted, and the tokens of every reply: re-asks, failed rows and retries too
+    assert tally["requests"] == len(server.log) == 26
+    # 17 of them got a reply to count: not the five 500s, the two 429s, the 400, nor slow's timeout
+    assert tally["prompt_tokens"] == 100 * 17 and tally["completion_tokens"] == 20 * 17
     summary = capsys.readouterr().out
     assert "rows 14 | ok 10" in summary and "failed 4" in summary and "links dropped 3" in summary
+    assert "requests 26 | tokens 1700 prompt + 340 completion" in summary
     # JSON mode by default; the key travels in the header only, and is never written or printed
     assert all(body["response_format"] == {"type": "json_object"} for *_, body, _ in server.log)
+    assert all(body["max_tokens"] == 512 for *_, body, _ in server.log)  # the default, --max-tokens
     assert server.log[0][4]["Authorization"] == "Bearer sk-test-SECRET-123"
     for path in tmp_path.iterdir():
         assert "SECRET" not in path.read_text()
@@ -979,7 +1089,7 @@ def test_annotate_resumes_after_kill_9(tmp_path, endpoint):
         f.write('{"input": "row 39 good: Tom has')
     asked_before = len(server.log)
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert second.returncode == 0, second.stderr
+    assert second.returncode == 1, second.stderr  # three rows failed: rerun to ask them again
     assert f"{len(saved)} saved by an earlier run" in second.stdout
     good = [n for n, k in enumerate(kinds) if k != "nolink"]
     assert [r["id"] for r in read(out)] == good                  # all 37 good rows, once each, in input order
@@ -1020,20 +1130,84 @@ def test_annotate_401_and_404_stop_at_once(tmp_path, endpoint, monkeypatch, stat
     assert len(server.log) <= 2  # one per worker at most, not one per row
 
 
-def test_annotate_bad_input_fails_before_any_request(tmp_path, endpoint):
-    server = endpoint()
-    for bad, message in [('{"input": "a", "target": "b"}\n{oops\n', "raw.jsonl:2: not valid JSON"),
-                         ('{"target": "b"}\n', "raw.jsonl:1: missing field 'input'")]:
-        (tmp_path / "raw.jsonl").write_text(bad)
-        with pytest.raises(annotate.Fatal, match=re.escape(message)):
-            annotate.main(annotate_args(tmp_path, server.url))
-    assert server.log == []
-    with pytest.raises(annotate.Fatal, match="known tasks: arc_e, asdiv, generic, gsm8k, mawps, svamp"):
-        annotate.main(["--task", "gsm9k", "--input", "x", "--output", "y"])
+def test_annotate_missing_input_is_one_line_and_exit_2(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(HERE, "annotate.py"), "--task", "gsm8k", "--input", "no.jsonl",
                         "--output", "y.jsonl"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == ["annotate.py: error: [Errno 2] No such file or directory: 'no.jsonl'"]
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == ["annotate.py: error: [Errno 2] No such file or directory: 'no.jsonl'"]
+
+
+ANNOTATE_CATALOGUE = {  # case: (flags, the raw input's bytes, what the one error line says)
+    "--timeout 0": (["--timeout", "0"], None, "--timeout 0.0: needs a positive number of seconds"),
+    "--timeout -5": (["--timeout", "-5"], None, "--timeout -5.0: needs a positive number of seconds"),
+    "--workers 0": (["--workers", "0"], None, "--workers 0: needs at least 1"),
+    "--retries 0": (["--retries", "0"], None, "--retries 0: needs at least 1"),
+    "--max-tokens 0": (["--max-tokens", "0"], None, "--max-tokens 0: needs at least 1"),
+    "--backoff -1": (["--backoff", "-1"], None, "--backoff -1.0: needs 0 or more seconds"),
+    "--temperature -1": (["--temperature", "-1"], None, "--temperature -1.0: needs a number from 0 to 2"),
+    "binary input": ([], b"\x1f\x8b\x08\x00 gzip", "raw.jsonl:1: not UTF-8 text (byte 0x8b at column 2)"),
+    "input not JSON": ([], b'{"input": "a", "target": "b"}\n{oops\n', "raw.jsonl:2: not valid JSON"),
+    "no input field": ([], b'{"target": "b"}\n', "raw.jsonl:1: missing field 'input'"),
+    "binary template": (["--prompt", "bin.txt"], None, "bin.txt: not UTF-8 text"),
+    "no {text} in the template": (["--prompt", "plain.txt"], None, "plain.txt: the template has no '{text}'"),
+    "unknown task": (["--task", "gsm9k", "--prompt", None], None, "known tasks: arc_e, asdiv, generic, gsm8k"),
+    "--output is --input": (["--output", "raw.jsonl"], None, "--output raw.jsonl: the same file as --input"),
+    "--output is a folder": (["--output", "."], None, "Is a directory"),
+    "no such input": (["--input", "no.jsonl"], None, "No such file or directory: 'no.jsonl'"),
+}
+
+
+@pytest.mark.parametrize("case", ANNOTATE_CATALOGUE)
+def test_annotate_bad_flags_and_files_stop_before_any_request(tmp_path, endpoint, case, monkeypatch):
+    flags, raw, want = ANNOTATE_CATALOGUE[case]
+    server = endpoint()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "raw.jsonl").write_bytes(raw or json.dumps(raw_rows(["good"])[0]).encode() + b"\n")
+    (tmp_path / "bin.txt").write_bytes(b"Mark the causes \xff\xfe {text}")
+    (tmp_path / "plain.txt").write_text("Mark the causes.")
+    argv = ["--prompt", str(tmp_path / "t.txt"), "--input", "raw.jsonl", "--output", "out.jsonl",
+            "--base-url", server.url, "--model", "m"]
+    (tmp_path / "t.txt").write_text(TEMPLATE)
+    for k in range(0, len(flags), 2):  # a flag given again replaces the default above; None removes it
+        if flags[k] in argv:
+            at = argv.index(flags[k])
+            del argv[at:at + 2]
+        if flags[k + 1] is not None:
+            argv += flags[k:k + 2]
+    with pytest.raises((annotate.Fatal, OSError)) as e:
+        annotate.main(argv)
+    assert want in str(e.value) and "\n" not in str(e.value)
+    assert server.log == []
+
+
+def test_annotate_exit_codes(tmp_path, endpoint):
+    """0: every row annotated; 1: some rows failed, after the summary; 2: a usage error or an endpoint that
+    cannot be reached, in one line, at once (no retries)."""
+    server = endpoint()
+    run = lambda kinds, *flags: (stg.write_jsonl(tmp_path / "raw.jsonl", raw_rows(kinds)), subprocess.run(
+        [sys.executable, os.path.join(HERE, "annotate.py"), *annotate_args(tmp_path, server.url, *flags)],
+        capture_output=True, text=True, timeout=60))[1]
+    ok = run(["good", "good"])
+    assert ok.returncode == 0 and "failed 0 |" in ok.stdout and not (tmp_path / "out.failed.jsonl").exists()
+    (tmp_path / "out.jsonl").unlink()
+    failed = run(["good", "nolink"], "--retries", "2")
+    assert failed.returncode == 1 and failed.stderr == ""
+    assert f"failed 1 (see {tmp_path / 'out.failed.jsonl'})" in failed.stdout.splitlines()[-1]
+    usage = run(["good"], "--timeout", "0")
+    assert (usage.returncode, usage.stdout, usage.stderr.splitlines()) == (
+        2, "", ["annotate.py: error: --timeout 0.0: needs a positive number of seconds"])
+    with socket.socket() as s:  # a loopback port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "out.jsonl").unlink()
+    t0 = time.time()
+    stg.write_jsonl(tmp_path / "raw.jsonl", raw_rows(["good"] * 5))
+    gone = subprocess.run([sys.executable, os.path.join(HERE, "annotate.py"), *annotate_args(
+        tmp_path, f"http://127.0.0.1:{port}/v1")], capture_output=True, text=True, timeout=60)
+    assert gone.returncode == 2 and time.time() - t0 < 10  # not five rows x five attempts with backoff
+    line, = gone.stderr.splitlines()
+    assert line.startswith(f"annotate.py: error: cannot reach http://127.0.0.1:{port}/v1/chat/completions: ")
+    assert "refused" in line
 
 
 def test_annotate_task_prompt_and_no_json_mode(tmp_path, endpoint):
@@ -1080,9 +1254,94 @@ def test_retry_after_forms():
     assert annotate.retry_after({}) is None
 
 # -----------------------------------------------------------------------------
-# benchmarks: skipped unless asked for by name, `python -m pytest -s -k bench test_cat.py`; they print figures
+# benchmarks: skipped unless named, `python -m pytest -s -k bench_NAME test_cat.py`. Each prints its figures, its
+# targets and whether each was met; it fails only when it cannot run. They write under out/bench/ alone (ignored by
+# git), and reuse a run of cat.py only when its flags and the code it ran (code_hash) are the same.
 
 bench = pytest.mark.skipif("'bench' not in config.option.keyword", reason="benchmark: run with -k bench")
+BENCH = os.path.join(HERE, "out", "bench")
+
+
+def target(name, figure, wanted, met):
+    """Print one target: its figure, what it asks, and whether it was met."""
+    print(f"target {name}: {figure} (wanted {wanted}): {'met' if met else 'MISSED'}")
+    return met
+
+
+def machine():
+    cpu = f"{os.cpu_count()} CPU cores, " + ("bf16 (avx512_bf16)" if "avx512_bf16" in cat.cpu_flags() else
+                                             "float32 (no avx512_bf16)")
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
+
+
+def code_hash():
+    """What a reusable run was made by: cat.py, stg.py and annotate.py (whose row reader cat.py uses) as they are."""
+    h = hashlib.sha256()
+    for name in ("cat.py", "stg.py", "annotate.py"):
+        with open(os.path.join(HERE, name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def run_many(jobs, at_once=None):
+    """Run `python cat.py` for every (folder, flags) job in BENCH/folder and return their metrics, each with the
+    run's wall time in `seconds`. A finished run is reused only when its flags and code_hash are the job's, a killed
+    one with the same flags and code resumes from its checkpoint, and anything else starts afresh: a fork that
+    changes cat.py never reads old numbers. One single-threaded process per CPU core, or four sharing a GPU."""
+    at_once = at_once or (4 if torch.cuda.is_available() else os.cpu_count())
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, os.cpu_count() // at_once)))
+    key = lambda flags: {"code": code_hash(), "flags": flags}
+
+    def one(job):
+        folder, flags = job
+        out, stamp = os.path.join(BENCH, folder), os.path.join(BENCH, folder, "bench.json")
+        done = json.load(open(stamp)) if os.path.exists(stamp) else {}
+        same = {k: done.get(k) for k in ("code", "flags")} == key(flags)
+        if not (same and "seconds" in done):
+            resume = same and os.path.exists(os.path.join(out, "checkpoint.pt"))
+            if not resume:
+                shutil.rmtree(out, ignore_errors=True)
+                os.makedirs(out)
+                json.dump(key(flags), open(stamp, "w"))
+            t0 = time.time()
+            r = subprocess.run([sys.executable, os.path.join(HERE, "cat.py"), "--log-every", "0", "--out", out,
+                                *flags, *["--resume"] * resume], cwd=BENCH, env=env, capture_output=True, text=True)
+            assert r.returncode == 0, f"{folder}: cat.py failed\n{r.stderr[-3000:]}"
+            done = dict(key(flags), seconds=time.time() - t0, resumed=resume)
+            json.dump(done, open(stamp, "w"))
+            print(f"{time.strftime('%H:%M')} {folder}: {done['seconds'] / 60:.1f} min", flush=True)
+        with open(os.path.join(out, "metrics.json")) as f:
+            return dict(json.load(f), seconds=done["seconds"], folder=folder)
+    with concurrent.futures.ThreadPoolExecutor(at_once) as pool:
+        return list(pool.map(one, jobs))
+
+
+def mean_std(xs):
+    m = sum(xs) / len(xs)
+    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / max(1, len(xs) - 1))
+
+
+def bench_files(val=False):
+    """--train/--test/--ood flags of each STG size, the files under BENCH/data. With `val`, each STG_E training
+    file is followed by 200 validation rows held out with --val 200: rows 1601-1800 of STG_E's training stream,
+    which no size holds (train_L is its first 1600). Settings are chosen on those, never on the test sets."""
+    data = os.path.join(BENCH, "data")
+    if not os.path.exists(os.path.join(data, "stg_e/train_L+val.jsonl")):
+        os.makedirs(BENCH, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=BENCH)  # written whole, then moved: concurrent benchmarks never see half a file
+        stg.write_all(tmp)
+        rows, held_out = stg.make_split("stg_e", "train", 1600), stg.make_split("stg_e", "train", 1800)[1600:]
+        for size, n in (("S", 400), ("M", 800), ("L", 1600)):
+            stg.write_jsonl(os.path.join(tmp, f"stg_e/train_{size}+val.jsonl"), rows[:n] + held_out)
+        shutil.rmtree(data, ignore_errors=True)
+        os.replace(tmp, data)
+    tests = ["--test", "data/stg_e/test.jsonl", "--ood", "data/stg_e/ood.jsonl"]
+    files = {s: ["--train", f"data/stg_e/train_{s}{'+val' if val else ''}.jsonl", *tests] for s in "SML"}
+    if val:
+        files = {s: [*f, "--val", "200"] for s, f in files.items()}
+    files["H"] = ["--train", "data/stg_h/train.jsonl", "--test", "data/stg_h/test.jsonl", "--ood", "data/stg_h/ood.jsonl"]
+    return files
+
 
 def step_probe(spec):
     """Run in a process of its own: `steps` training steps of one attention path on random tokens, timed; prints one
@@ -1175,12 +1434,10 @@ def test_bench_attention_paths_time_and_memory(shape):
     print(f"\n{shape} on {runs['cat-rows']['device']} ({time.strftime('%Y-%m-%d')}):")
     for v, r in runs.items():
         print(f"| {shape} | {v} | {r['ms']:.0f} ms | {1000 * r['tokens'] / r['ms']:.0f} tokens/s | {r['peak_mb']:.0f} MB |")
-    ratio = lambda a, b, k: runs[a][k] / runs[b][k]
-    print(f"CAT rows / vanilla SDPA: time x{ratio('cat-rows', 'vanilla-sdpa', 'ms'):.3f}, memory "
-          f"x{ratio('cat-rows', 'vanilla-sdpa', 'peak_mb'):.3f} | CAT eager / vanilla eager: time "
-          f"x{ratio('cat-eager', 'vanilla-eager', 'ms'):.3f}, memory x{ratio('cat-eager', 'vanilla-eager', 'peak_mb'):.3f}")
-    assert ratio("cat-rows", "vanilla-sdpa", "ms") <= 1.15 and ratio("cat-rows", "vanilla-sdpa", "peak_mb") <= 1.10
-    assert ratio("cat-eager", "vanilla-eager", "ms") <= 1.15 and ratio("cat-eager", "vanilla-eager", "peak_mb") <= 1.10
+    for a, b in (("cat-rows", "vanilla-sdpa"), ("cat-eager", "vanilla-eager")):
+        for k, what, limit in (("ms", "time", 1.15), ("peak_mb", "memory", 1.10)):
+            x = runs[a][k] / runs[b][k]
+            target(f"{a} / {b}, {what}", f"x{x:.3f}", f"<= {limit}", x <= limit)
 
 
 @bench
@@ -1191,11 +1448,16 @@ def test_bench_smollm2_step_before_and_after():
     bf16 = cat.pick_device("auto")[1] is not None
     runs = {name: probe(model="smollm2", batch=8, tokens=67, lora=True, steps=8, variant="cat-eager", amp=amp, keep=keep)
             for name, amp, keep in setups + [("bf16 autocast, logits_to_keep", True, True)] * bf16}
-    print(f"\nSmolLM2 LoRA CAT step, B=8 T=67, {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}: " +
+    print(f"\nSmolLM2 LoRA CAT step, B=8 T=67, {machine()}, {time.strftime('%Y-%m-%d')}: " +
           " | ".join(f"{name}: {r['ms']:.0f} ms, {r['peak_mb']:.0f} MB" for name, r in runs.items())
           + ("" if bf16 else f" | bf16: {cat.pick_device('auto')[2]}"))
-    assert runs["float32, logits_to_keep"]["ms"] < runs["float32, all logits"]["ms"]
-    assert not bf16 or runs["bf16 autocast, logits_to_keep"]["ms"] < runs["float32, logits_to_keep"]["ms"]
+    ms = {name: r["ms"] for name, r in runs.items()}
+    target("logits_to_keep saves time", f"{ms['float32, logits_to_keep']:.0f} ms",
+           f"< {ms['float32, all logits']:.0f} ms", ms["float32, logits_to_keep"] < ms["float32, all logits"])
+    if bf16:
+        target("bf16 saves time", f"{ms['bf16 autocast, logits_to_keep']:.0f} ms",
+               f"< {ms['float32, logits_to_keep']:.0f} ms",
+               ms["bf16 autocast, logits_to_keep"] < ms["float32, logits_to_keep"])
 
 
 @bench
@@ -1209,77 +1471,38 @@ def test_bench_annotate_throughput_scales_with_workers(tmp_path, endpoint):
         annotate.main(annotate_args(tmp_path, server.url, "--workers", str(workers)))
         rate[workers] = 48 / (time.time() - t0)
         assert len(read(tmp_path / "out.jsonl")) == 48
-    print(f"\nannotate, 48 rows at 200 ms a reply: 1 worker {rate[1]:.1f} rows/s, 8 workers {rate[8]:.1f} rows/s, "
-          f"x{rate[8] / rate[1]:.2f}")
-    assert rate[8] >= 6 * rate[1]
+    print(f"\nannotate, 48 rows at 200 ms a reply: 1 worker {rate[1]:.1f} rows/s, 8 workers {rate[8]:.1f} rows/s")
+    target("8 workers / 1", f"x{rate[8] / rate[1]:.2f}", ">= 6", rate[8] >= 6 * rate[1])
 
 
 @bench
 def test_bench_default_run_finishes_in_5_minutes(tmp_path):
     t0 = time.time()
-    r = run_cat("--out", str(tmp_path / "out"), cwd=HERE)
+    r = run_cat("--out", str(tmp_path / "out"), cwd=tmp_path)
     wall = time.time() - t0
     assert r.returncode == 0, r.stderr
-    print(f"\n`python cat.py` (defaults) on {os.cpu_count()} CPU cores: {wall:.0f} s\n" + r.stdout[-400:])
-    assert wall <= 300
+    print(f"\n`python cat.py` (defaults) on {machine()}, {time.strftime('%Y-%m-%d')}:\n" + r.stdout[-900:])
+    target("python cat.py", f"{wall:.0f} s", "<= 300 s", wall <= 300)
 
 
-def run_many(jobs, cwd):
-    """Run `python cat.py` for every (out, flags) job, in order, and return their metrics: one single-threaded
-    process per CPU core, or four at a time sharing the GPU. A job whose folder holds metrics.json is not run again,
-    and one whose folder holds a checkpoint resumes from it: a benchmark stopped midway goes on where it stopped when
-    run again, and benchmarks share the runs they have in common (delete out/ to measure afresh)."""
-    at_once = 4 if torch.cuda.is_available() else os.cpu_count()
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, os.cpu_count() // at_once)))
-
-    def one(job):
-        out, flags = job
-        done = os.path.join(cwd, out, "metrics.json")
-        if not os.path.exists(done):
-            resume = ["--resume"] if os.path.exists(os.path.join(cwd, out, "checkpoint.pt")) else []
-            r = subprocess.run([sys.executable, os.path.join(HERE, "cat.py"), "--log-every", "0", "--out", out, *flags,
-                                *resume], cwd=cwd, env=env, capture_output=True, text=True)
-            assert r.returncode == 0, r.stderr[-2000:]
-        with open(done) as f:
-            return json.load(f)
-    with concurrent.futures.ThreadPoolExecutor(at_once) as pool:
-        return list(pool.map(one, jobs))
-
-
-def mean_std(xs):
-    m = sum(xs) / len(xs)
-    return m, math.sqrt(sum((x - m) ** 2 for x in xs) / max(1, len(xs) - 1))
-
-
-def stg_files(val=False):
-    """--train/--test/--ood flags of each STG size. With `val`, STG_S and STG_M are followed by 200 validation rows,
-    the last 200 of STG_L's training rows (which neither holds: they are its first 400 and 800 rows), held out with
-    --val 200: a run trains on exactly STG_S or STG_M and is scored on validation, IID and OOD rows alike, and
-    settings are chosen on validation accuracy alone."""
-    stg.write_all(os.path.join(HERE, "data"))
-    files = {s: ["--train", f"data/stg_e/train_{s}.jsonl"] for s in "SML"}
-    files["H"] = ["--train", "data/stg_h/train.jsonl", "--test", "data/stg_h/test.jsonl", "--ood", "data/stg_h/ood.jsonl"]
-    if val:
-        rows = read(os.path.join(HERE, "data/stg_e/train_L.jsonl"))
-        for size, n in (("S", 400), ("M", 800)):
-            stg.write_jsonl(os.path.join(HERE, f"data/stg_e/train_{size}+val.jsonl"), rows[:n] + rows[-200:])
-            files[size] = ["--train", f"data/stg_e/train_{size}+val.jsonl", "--val", "200"]
-    return files
+def pct(ms, split):
+    """'mean ± std' of the accuracy of runs `ms` on `split`, in percent; '-' where they have none."""
+    return "{:.1f} ± {:.1f}".format(*mean_std([100 * m[split]["accuracy"] for m in ms])) if split in ms[0] else "-"
 
 
 def stg_table(name, model_flags, sizes, seeds, methods, files):
     """Train every method, a list of (label, slug, flags) that starts with vanilla, on every STG size and seed, in
-    out/NAME/SIZE_SLUG_SEED; vanilla first, so that the other runs' attention.html shows it beside them. Prints the
-    table (means ± std over seeds) and returns {label: (IID, OOD)}, accuracy averaged over sizes and seeds."""
+    BENCH/NAME/SIZE_SLUG_SEED; vanilla first, so that the other runs' attention.html shows it beside them. Prints the
+    table (means ± std over seeds, the baselines beside them) and returns {label: (IID, OOD)}, accuracy averaged over
+    sizes and seeds."""
     t0 = time.time()
-    run = lambda slug, size, seed: f"out/{name}/{size}_{slug}_{seed}"
+    run = lambda slug, size, seed: f"{name}/{size}_{slug}_{seed}"
     jobs = [[(run(slug, size, seed), [*model_flags, *files[size], "--seed", str(seed), *flags]
               + (["--compare", run(methods[0][1], size, seed)] if k else [])) for size in sizes for seed in seeds]
             for k, (_, slug, flags) in enumerate(methods)]
-    results = dict(zip([j[0] for j in jobs[0]], run_many(jobs[0], HERE)))
-    results.update(zip([j[0] for js in jobs[1:] for j in js], run_many([j for js in jobs[1:] for j in js], HERE)))
+    results = dict(zip([j[0] for j in jobs[0]], run_many(jobs[0])))
+    results.update(zip([j[0] for js in jobs[1:] for j in js], run_many([j for js in jobs[1:] for j in js])))
     share = lambda ms, key, kinds: " / ".join(f"{mean_std([m[key][k] for m in ms])[0]:.3f}" for k in kinds)
-    pct = lambda ms, split: "{:.1f} ± {:.1f}".format(*mean_std([100 * m[split]["accuracy"] for m in ms])) if split in ms[0] else "-"
     lines = ["| train | method | validation | IID accuracy | OOD accuracy | IID answer-row attention: causal / spurious / "
              "irrelevant / first token | IID gradient x input: causal / spurious / irrelevant | C/N: start → last epoch |",
              "|---|---|---|---|---|---|---|---|"]
@@ -1287,48 +1510,48 @@ def stg_table(name, model_flags, sizes, seeds, methods, files):
     for size in sizes:
         for label, slug, _ in methods:
             ms = [results[run(slug, size, seed)] for seed in seeds]
-            means.setdefault(label, []).append([mean_std([100 * m[split]["accuracy"] for m in ms])[0] for split in ("iid", "ood")])
+            means.setdefault(label, []).append([mean_std([100 * m[s]["accuracy"] for m in ms])[0] for s in ("iid", "ood")])
             last = [[r["C/N"] for r in m["log"] if r["epoch"] == m["log"][-1]["epoch"]] for m in ms]
             lines.append(f"| STG_{size} | {label} | {pct(ms, 'val')} | {pct(ms, 'iid')} | {pct(ms, 'ood')} | "
                          f"{share([m['iid'] for m in ms], 'attention', cat.KINDS)} | "
                          f"{share([m['iid'] for m in ms], 'gradxinput', cat.KINDS[:3])} | "
-                         f"{mean_std([m.get('start_ratio', m['log'][0]['C/N']) for m in ms])[0]:.2f} → "
+                         f"{mean_std([m['start_ratio'] for m in ms])[0]:.2f} → "
                          f"{mean_std([sum(x) / len(x) for x in last])[0]:.2f} |")
+        b = results[run(methods[0][1], size, seeds[0])]
+        if "baselines" in b["iid"]:
+            lines.append(f"| STG_{size} | baselines | | {stg.describe_baselines(b['iid']['baselines'])} | "
+                         f"{stg.describe_baselines(b['ood']['baselines'])} | | | |")
     mean = {label: [sum(v[k] for v in rows) / len(rows) for k in (0, 1)] for label, rows in means.items()}
     lines += [f"| mean | {label} | | {mean[label][0]:.1f} | {mean[label][1]:.1f} | | | |" for label, _, _ in methods]
     cfg = results[run(methods[1][1], sizes[0], seeds[0])]["config"]
-    print(f"\n{time.strftime('%Y-%m-%d')}, {name}: seeds {seeds}, {sum(map(len, jobs))} runs, {(time.time() - t0) / 60:.1f} min "
-          f"on {torch.cuda.get_device_name() if torch.cuda.is_available() else f'{os.cpu_count()} CPU cores'}; "
-          f"{methods[1][0]}: alpha {cfg['alpha']:g}, gamma {'exp(-epoch)' if cfg['gamma_decay'] else '1'}, {cfg['epochs']} "
-          f"epochs, lr {cfg['lr']:g}, batch {cfg['batch_size']}, {'LoRA' if cfg['lora'] else 'all weights'}\n" + "\n".join(lines)
-          + f"\nwrote {run('*', '*', '*')}/attention.html, each beside its vanilla run")
+    print(f"\n{time.strftime('%Y-%m-%d')}, {name}: seeds {seeds}, {sum(map(len, jobs))} runs, {(time.time() - t0) / 60:.1f} "
+          f"min on {machine()}; {methods[1][0]}: alpha {cfg['alpha']:g}, gamma "
+          f"{'exp(-epoch)' if cfg['gamma_decay'] else '1'}, {cfg['epochs']} epochs, lr {cfg['lr']:g}, batch "
+          f"{cfg['batch_size']}, {'LoRA' if cfg['lora'] else 'all weights'}\n" + "\n".join(lines)
+          + f"\nwrote {os.path.join(BENCH, run('*', '*', '*'))}/attention.html, each beside its vanilla run")
     return mean
 
 
-TARGETS = "CAT OOD >= vanilla OOD + 7.6", "CAT IID >= vanilla IID - 1"
-
-
-def targets_met(mean, cat_label="CAT"):
-    met = {TARGETS[0]: mean[cat_label][1] - mean["vanilla"][1] >= 7.6, TARGETS[1]: mean[cat_label][0] - mean["vanilla"][0] >= -1}
-    print("\n".join(f"target {name} ({cat_label}): {'met' if ok else 'NOT met'}" for name, ok in met.items()))
-    return all(met.values())
+def paper_targets(mean, cat_label="CAT"):
+    """The paper's average effect on STG: CAT OOD >= vanilla OOD + 7.6, and CAT IID >= vanilla IID - 1."""
+    gain = [mean[cat_label][k] - mean["vanilla"][k] for k in (0, 1)]
+    target(f"{cat_label} OOD - vanilla OOD", f"{gain[1]:+.1f}", ">= +7.6", gain[1] >= 7.6)
+    target(f"{cat_label} IID - vanilla IID", f"{gain[0]:+.1f}", ">= -1", gain[0] >= -1)
 
 
 def smollm2_start_ratio():
     """SmolLM2's mean C/N before any training, as cat.py measures it (cat.start_ratio, on the first 64 rows of STG_S,
-    which are the first 64 of STG_M too)."""
+    which are the first 64 of every size)."""
     args = cat.resolve(cat.parser.parse_args(["--model", "smollm2"]))
-    rows = read(os.path.join(HERE, "data/stg_e/train_S.jsonl"))
+    rows = stg.make_split("stg_e", "train", 64)
     model, tok = cat.load_model(args, rows, torch.device("cpu"), None)
-    data = [cat.encode(tok, r, args.max_length)[0] for r in rows[:64]]
+    data = [cat.encode(tok, r, args.max_length)[0] for r in rows]
     return cat.start_ratio(model, data, args, tok.pad_token_id, torch.device("cpu"), None)
 
 
 SMOLLM2_SEEDS = [42, 43, 44] if torch.cuda.is_available() else [42, 43]
-SMOLLM2_SIZES = ["S", "M", "L"] if torch.cuda.is_available() else ["S"]  # a SmolLM2 run on STG_S takes about 25 minutes on 2 cores
-
-
-SKIP_FIRST_SCALE = 1.5  # the --skip-first variant's alpha, as a multiple of its own C/N before training (--alpha-scale)
+SMOLLM2_SIZES = ["S", "M", "L"] if torch.cuda.is_available() else ["S"]  # a run on STG_S: about 6 minutes, 2 cores
+SKIP_FIRST_SCALE = 1.5  # the --skip-first variant's alpha, a multiple of its own C/N before training (--alpha-scale)
 
 
 def smollm2_methods():
@@ -1336,85 +1559,85 @@ def smollm2_methods():
     validation rows (bench_smollm2_alpha_grid)."""
     alpha = cat.DEFAULTS["smollm2"]["alpha"]
     return [("vanilla", "alpha0", ["--alpha", "0"]), ("CAT", f"alpha{alpha:g}", ["--alpha", str(alpha)]),
-            ("CAT --skip-first", f"skipfirst_scale{SKIP_FIRST_SCALE:g}", ["--skip-first", "--alpha-scale", str(SKIP_FIRST_SCALE)])]
+            ("CAT --skip-first", f"skipfirst_scale{SKIP_FIRST_SCALE:g}",
+             ["--skip-first", "--alpha-scale", str(SKIP_FIRST_SCALE)])]
 
 
 @bench
 def test_bench_smollm2_stg_table_vanilla_vs_cat():
     """Vanilla, CAT and CAT --skip-first on SmolLM2-135M with its defaults: on a GPU, STG_S, STG_M, STG_L and STG_H over
-    3 seeds with the paper's 6 epochs; on a CPU, STG_S over 2 seeds with the defaults' 3 epochs (about 100 minutes on
-    2 cores), each run also scored on the 200 validation rows (shares its runs with bench_smollm2_alpha_grid). Targets (means over sizes
-    and seeds, the paper's loss): CAT OOD >= vanilla OOD + 7.6, CAT IID >= vanilla IID - 1."""
+    3 seeds with the paper's 6 epochs; on a CPU, STG_S over 2 seeds with the defaults' 3 epochs, each run also scored
+    on the 200 validation rows (it shares its runs with bench_smollm2_alpha_grid). Targets: the paper's effect."""
     if torch.cuda.is_available():
         mean = stg_table("smollm2_gpu", ["--model", "smollm2", "--epochs", "6"], ["S", "M", "L", "H"], SMOLLM2_SEEDS,
-                         smollm2_methods(), stg_files())
+                         smollm2_methods(), bench_files())
     else:
-        mean = stg_table("smollm2", ["--model", "smollm2"], SMOLLM2_SIZES, SMOLLM2_SEEDS, smollm2_methods(), stg_files(val=True))
-    targets_met(mean, "CAT --skip-first")
-    assert targets_met(mean)
+        mean = stg_table("smollm2", ["--model", "smollm2"], SMOLLM2_SIZES, SMOLLM2_SEEDS, smollm2_methods(),
+                         bench_files(val=True))
+    paper_targets(mean)
+    paper_targets(mean, "CAT --skip-first")
 
 
 @bench
 def test_bench_smollm2_alpha_grid_on_validation():
-    """Choose SmolLM2's alpha on validation rows cut from STG's training rows, never on the test sets, with the other
-    settings fixed (all weights trained, lr 1e-4, 3 epochs, gamma = exp(-epoch), seed 42): a grid scaled to the model's
-    own C/N before training, 0 and 1x, 1.5x, 2x, 3x, 5x of it, on STG_S; on a GPU, then 0 and STG_S's best on STG_M, to
-    see whether it holds on the larger size. The default must be STG_S's best. Each run is scored on the test sets
-    too, and the table reuses the runs it shares (about 2.5 hours on 2 cores)."""
-    files, ratio = stg_files(val=True), smollm2_start_ratio()
+    """Choose SmolLM2's alpha on validation rows held out of every training file, never on the test sets, with the
+    other settings fixed (all weights, lr 1e-4, 3 epochs, gamma = exp(-epoch), seed 42): a grid scaled to the model's
+    own C/N before training, 0 and 1x, 1.5x, 2x, 3x, 5x of it, on STG_S; on a GPU, then 0 and STG_S's best on STG_M.
+    Each run is scored on the test sets too, not used to choose; the table reuses the runs it shares."""
+    files, ratio = bench_files(val=True), smollm2_start_ratio()
     grid = [0.0] + [round(k * ratio, 2) for k in (1, 1.5, 2, 3, 5)]
-    job = lambda size, a: (f"out/smollm2/{size}_alpha{a:g}_42", ["--model", "smollm2", *files[size], "--seed", "42", "--alpha", str(a)])
-    on_s = dict(zip(grid, run_many([job("S", a) for a in grid], HERE)))
+    job = lambda size, a: (f"smollm2/{size}_alpha{a:g}_42", ["--model", "smollm2", *files[size], "--seed", "42",
+                                                            "--alpha", str(a)])
+    on_s = dict(zip(grid, run_many([job("S", a) for a in grid])))
     val = {("S", a): m["val"]["accuracy"] for a, m in on_s.items()}
     on_m = [0.0] + sorted(grid[1:], key=lambda a: -val["S", a])[:1]
     if torch.cuda.is_available():
-        val.update({("M", a): m["val"]["accuracy"] for a, m in zip(on_m, run_many([job("M", a) for a in on_m], HERE))})
-    print(f"\n{time.strftime('%Y-%m-%d')}, SmolLM2, C/N before training {ratio:.3f}; validation accuracy (200 rows), seed 42:")
+        val.update({("M", a): m["val"]["accuracy"] for a, m in zip(on_m, run_many([job("M", a) for a in on_m]))})
+    print(f"\n{time.strftime('%Y-%m-%d')}, {machine()}, SmolLM2, C/N before training {ratio:.3f}; validation accuracy "
+          "(200 rows), seed 42:")
     sizes = "SM" if torch.cuda.is_available() else "S"
-    print(f"| alpha | x C/N | {' | '.join(f'STG_{size}' for size in sizes)} | STG_S's IID / OOD test accuracy, not used to choose |\n"
-          + "|---" * (len(sizes) + 3) + "|")
+    print(f"| alpha | x C/N | {' | '.join(f'STG_{size}' for size in sizes)} | STG_S's IID / OOD test accuracy, not "
+          "used to choose |\n" + "|---" * (len(sizes) + 3) + "|")
     for a in grid:
-        print(f"| {a:g} | {a / ratio:.1f} | " + " | ".join("-" if (size, a) not in val else f"{100 * val[size, a]:.1f}" for size in sizes)
+        print(f"| {a:g} | {a / ratio:.1f} | " + " | ".join("-" if (size, a) not in val else f"{100 * val[size, a]:.1f}"
+                                                          for size in sizes)
               + f" | {100 * on_s[a]['iid']['accuracy']:.1f} / {100 * on_s[a]['ood']['accuracy']:.1f} |")
     best = on_m[1]  # CAT's alpha; 0 is the vanilla baseline beside it
-    print(f"best CAT alpha on STG_S: {best:g} ({best / ratio:.1f} x C/N); the default is {cat.DEFAULTS['smollm2']['alpha']:g}")
+    target("SmolLM2's default alpha is STG_S's best on validation", f"{cat.DEFAULTS['smollm2']['alpha']:g}",
+           f"{best:g} ({best / ratio:.1f} x C/N)", cat.DEFAULTS["smollm2"]["alpha"] == best)
     # the --skip-first variant starts from another C/N: its own grid of multiples, on STG_S
     scales = (1.5, 2)
-    jobs = [(f"out/smollm2/S_skipfirst_scale{k:g}_42", ["--model", "smollm2", *files["S"], "--seed", "42", "--skip-first",
-                                                        "--alpha-scale", str(k)]) for k in scales]
-    runs = dict(zip(scales, run_many(jobs, HERE)))
+    jobs = [(f"smollm2/S_skipfirst_scale{k:g}_42", ["--model", "smollm2", *files["S"], "--seed", "42", "--skip-first",
+                                                    "--alpha-scale", str(k)]) for k in scales]
+    runs = dict(zip(scales, run_many(jobs)))
     variant = {k: m["val"]["accuracy"] for k, m in runs.items()}
     print("--skip-first on STG_S, validation accuracy (IID / OOD test accuracy): " + ", ".join(
         f"{k:g} x its C/N {m['start_ratio']:.2f}: {100 * m['val']['accuracy']:.1f} ({100 * m['iid']['accuracy']:.1f} / "
         f"{100 * m['ood']['accuracy']:.1f})" for k, m in runs.items()))
-    assert cat.DEFAULTS["smollm2"]["alpha"] == best and SKIP_FIRST_SCALE == max(scales, key=variant.get)
-
-
-LORA = ["--lora", "--lr", "1e-3"]  # the paper's learning rate for LoRA on STG_E
+    target("SKIP_FIRST_SCALE is the best on validation", f"{SKIP_FIRST_SCALE:g}", f"{max(scales, key=variant.get):g}",
+           SKIP_FIRST_SCALE == max(scales, key=variant.get))
 
 
 @bench
 def test_bench_bf16_autocast_matches_float32():
-    """bf16 autocast on a CPU with avx512_bf16 against float32 (--no-amp), everything else the same: SmolLM2 vanilla
-    and CAT on STG_S, and the built-in model's default run (STG_M), seed 42. Accuracy must agree within 2.5 points
-    on average."""
+    """SmolLM2 with its defaults (CAT, all weights, 3 epochs) on STG_S, seed 42, in bf16 autocast (a CPU with
+    avx512_bf16) and in float32 (--no-amp), one run at a time so that each has the machine: IID and OOD accuracy and
+    the wall time of the whole run (training, and evaluation of 800 rows). Targets: within 2.5 points of each other on
+    average; <= 6 minutes in bf16 and <= 15 in float32 on 2 cores."""
     if cat.pick_device("auto")[1] is None:
         pytest.skip(f"no bf16 math on this machine: {cat.pick_device('auto')[2]}")
-    stg.write_all(os.path.join(HERE, "data"))
-    setups = {"SmolLM2 vanilla": ["--model", "smollm2", "--train", "data/stg_e/train_S.jsonl", "--alpha", "0"],
-              "SmolLM2 CAT": ["--model", "smollm2", "--train", "data/stg_e/train_S.jsonl"], "built-in CAT": []}
-    jobs = [(f"out/bf16_check/{name.replace(' ', '_')}_{amp}", flags + [f"--{amp}"]) for name, flags in setups.items()
-            for amp in ("amp", "no-amp")]
-    results = dict(zip([j[0] for j in jobs], run_many(jobs, HERE)))
-    gaps = []
-    print(f"\n{time.strftime('%Y-%m-%d')}, seed 42, IID / OOD accuracy and ms per step:")
-    for name in setups:
-        b, f = (results[f"out/bf16_check/{name.replace(' ', '_')}_{amp}"] for amp in ("amp", "no-amp"))
-        gaps += [abs(b[s]["accuracy"] - f[s]["accuracy"]) for s in ("iid", "ood")]
-        ms = lambda m: sorted(r["ms"] for r in m["log"])[len(m["log"]) // 2]
-        print(f"| {name} | bf16 {100 * b['iid']['accuracy']:.1f} / {100 * b['ood']['accuracy']:.1f}, {ms(b)} ms | "
-              f"float32 {100 * f['iid']['accuracy']:.1f} / {100 * f['ood']['accuracy']:.1f}, {ms(f)} ms |")
-    assert 100 * sum(gaps) / len(gaps) <= 2.5
+    files = bench_files()
+    runs = {amp: run_many([(f"bf16_check/smollm2_S_{amp}_42", ["--model", "smollm2", *files["S"], f"--{amp}"])],
+                          at_once=1)[0] for amp in ("amp", "no-amp")}
+    print(f"\n{time.strftime('%Y-%m-%d')}, {machine()}, SmolLM2 STG_S seed 42, one run at a time:")
+    for amp, m in runs.items():
+        steps = sorted(r["ms"] for r in m["log"])
+        print(f"| {'bf16 autocast' if amp == 'amp' else 'float32'} | IID {100 * m['iid']['accuracy']:.1f} | OOD "
+              f"{100 * m['ood']['accuracy']:.1f} | {steps[len(steps) // 2]} ms per step | {m['seconds'] / 60:.1f} min |")
+    gap = sum(abs(runs["amp"][s]["accuracy"] - runs["no-amp"][s]["accuracy"]) for s in ("iid", "ood")) * 50
+    target("bf16 vs float32, mean accuracy gap", f"{gap:.1f} points", "<= 2.5", gap <= 2.5)
+    target("bf16 run", f"{runs['amp']['seconds'] / 60:.1f} min", "<= 6", runs["amp"]["seconds"] <= 360)
+    target("float32 run", f"{runs['no-amp']['seconds'] / 60:.1f} min", "<= 15", runs["no-amp"]["seconds"] <= 900)
 
 
 @bench
@@ -1429,13 +1652,13 @@ def test_bench_adjacency_on_the_authors_annotated_files():
     print()
     for name in ("MAWPS/mawps_train.jsonl", "SVAMP/svamp_train.jsonl"):
         rows = [r for r in cat.read_rows(os.path.join(folder, name)) if r.get("important")]
-        for tok_name, tok in (("SmolLM2", smol_tok), ("built-in", cat.train_tokenizer(r["input"] + str(r["target"]) for r in rows))):
+        for tok_name, tok in (("SmolLM2", smol_tok),
+                              ("built-in", cat.train_tokenizer(r["input"] + str(r["target"]) for r in rows))):
             counts = Counter()
             for r in rows:
                 counts.update(cat.encode(tok, r, 256)[1])
             print(f"{name} ({len(rows)} annotated rows), {tok_name} tokens: {counts['found']} found, {counts['missing']} "
                   f"missing, {counts['truncated']} truncated of {sum(counts.values())} links")
-            assert counts["found"] > 0.5 * sum(counts.values())
         why = Counter()
         for r in rows:
             text = r["input"] + str(r["target"])
@@ -1453,25 +1676,31 @@ def token_class(token):
             "punctuation" if re.fullmatch(r"\s*[:,.;]\s*", token) else "name")
 
 
+LORA = ["--lora", "--lr", "1e-3"]  # the paper's learning rate for LoRA on STG_E
+
+
 @bench
 def test_bench_smollm2_why():
     """Reads the runs of bench_smollm2_stg_table (run it first) and trains LoRA beside them (STG_S, the same alpha,
-    lr 1e-3, seed 42 alone on a CPU): where the answer row's attention goes layer by layer, which tokens of the spans it lands on, what
-    the answer relies on (gradient x input), and what LoRA changes."""
-    methods, sizes, files = smollm2_methods(), SMOLLM2_SIZES, stg_files(val=True)
+    lr 1e-3, seed 42 alone on a CPU): where the answer row's attention goes layer by layer, which tokens of the spans it
+    lands on, what the answer relies on (gradient x input), and what LoRA changes."""
+    methods, sizes, files = smollm2_methods(), SMOLLM2_SIZES, bench_files(val=True)
     seeds = SMOLLM2_SEEDS if torch.cuda.is_available() else SMOLLM2_SEEDS[:1]  # LoRA beside full fine-tuning
     runs = {}
     for (label, slug, _), size, seed in itertools.product(methods, sizes, SMOLLM2_SEEDS):
-        folder = os.path.join(HERE, f"out/smollm2/{size}_{slug}_{seed}")
-        assert os.path.isdir(folder), "run `python -m pytest -s -k bench_smollm2_stg_table test_cat.py` first"
+        folder = os.path.join(BENCH, f"smollm2/{size}_{slug}_{seed}")
+        if not os.path.exists(os.path.join(folder, "metrics.json")):
+            pytest.skip("run `python -m pytest -s -k bench_smollm2_stg_table test_cat.py` first")
         with open(os.path.join(folder, "metrics.json")) as f, open(os.path.join(folder, "attention.json")) as g:
             runs[label, size, seed] = json.load(f), json.load(g)
     mean = lambda xs: sum(xs) / len(xs)
-    print(f"\n{time.strftime('%Y-%m-%d')}: OOD answer-row attention by layer (mean over seeds), causal / spurious / first token")
+    print(f"\n{time.strftime('%Y-%m-%d')}, {machine()}: OOD answer-row attention by layer (mean over seeds), causal / "
+          "spurious / first token")
     for size, (label, _, _) in itertools.product(sizes, methods):
         ms = [runs[label, size, seed][0]["ood"]["attention_by_layer"] for seed in SMOLLM2_SEEDS]
-        print(f"STG_{size} {label:16s} " + " ".join(f"{mean([m['causal'][layer] for m in ms]):.2f}/{mean([m['spurious'][layer] for m in ms]):.2f}"
-                                                    f"/{mean([m['first'][layer] for m in ms]):.2f}" for layer in range(30)))
+        print(f"STG_{size} {label:16s} " + " ".join(
+            f"{mean([m['causal'][layer] for m in ms]):.2f}/{mean([m['spurious'][layer] for m in ms]):.2f}"
+            f"/{mean([m['first'][layer] for m in ms]):.2f}" for layer in range(30)))
     print("IID answer-row attention on the tokens of the spans (mean over the rows in attention.json and the seeds):")
     classes = ("name", "punctuation", "space", "digits")
     for size, (label, _, _) in itertools.product(sizes, methods):
@@ -1481,35 +1710,36 @@ def test_bench_smollm2_why():
                 rows += 1
                 for token, w, kind in zip(ex["tokens"], ex["weights"], ex["kinds"]):
                     share[kind, token_class(token)] += w
-        print(f"STG_{size} {label:16s} " + " | ".join(f"{kind}: " + " ".join(f"{c} {share[kind, c] / rows:.3f}" for c in classes)
-                                                      for kind in ("causal", "spurious")))
+        print(f"STG_{size} {label:16s} " + " | ".join(
+            f"{kind}: " + " ".join(f"{c} {share[kind, c] / rows:.3f}" for c in classes) for kind in ("causal", "spurious")))
     # LoRA beside full fine-tuning, on STG_S
     alpha = cat.DEFAULTS["smollm2"]["alpha"]
-    jobs = [(f"out/smollm2/S_lora_alpha{a:g}_{seed}", ["--model", "smollm2", *files["S"], "--seed", str(seed), "--alpha", str(a), *LORA])
-            for a in (0, alpha) for seed in seeds]
-    lora = dict(zip([(a, seed) for a in (0, alpha) for seed in seeds], run_many(jobs, HERE)))
+    jobs = [(f"smollm2/S_lora_alpha{a:g}_{seed}", ["--model", "smollm2", *files["S"], "--seed", str(seed), "--alpha",
+                                                    str(a), *LORA]) for a in (0, alpha) for seed in seeds]
+    lora = dict(zip([(a, seed) for a in (0, alpha) for seed in seeds], run_many(jobs)))
     print(f"STG_S, seeds {seeds}, alpha {alpha:g}: validation / IID / OOD accuracy, IID attention causal / spurious / "
           "first token, IID gradient x input causal / spurious")
-    shifts = {}
     for mode, get in (("all weights", lambda a, seed: runs["vanilla" if a == 0 else "CAT", "S", seed][0]),
                       ("LoRA r 8, lr 1e-3", lambda a, seed: lora[a, seed])):
         for a in (0, alpha):
             ms = [get(a, seed) for seed in seeds]
-            print(f"| {mode} | {'vanilla' if a == 0 else 'CAT'} | " + " / ".join(f"{mean([100 * m[s]['accuracy'] for m in ms]):.1f}"
-                                                                            for s in ("val", "iid", "ood")) + " | "
-                  + " / ".join(f"{mean([m['iid']['attention'][k] for m in ms]):.3f}" for k in ("causal", "spurious", "first")) + " | "
-                  + " / ".join(f"{mean([m['iid']['gradxinput'][k] for m in ms]):.3f}" for k in ("causal", "spurious")) + " |")
-            shifts[mode, a] = mean([m["iid"]["attention"]["causal"] for m in ms])
+            print(f"| {mode} | {'vanilla' if a == 0 else 'CAT'} | "
+                  + " / ".join(f"{mean([100 * m[s]['accuracy'] for m in ms]):.1f}" for s in ("val", "iid", "ood"))
+                  + " | " + " / ".join(f"{mean([m['iid']['attention'][k] for m in ms]):.3f}"
+                                       for k in ("causal", "spurious", "first"))
+                  + " | " + " / ".join(f"{mean([m['iid']['gradxinput'][k] for m in ms]):.3f}"
+                                       for k in ("causal", "spurious")) + " |")
     # reliance on the spurious values: the OOD rows with them put back in line with their causes, as in training
-    ood = cat.read_rows(os.path.join(HERE, "data/stg_e/ood.jsonl"))
+    ood = cat.read_rows(os.path.join(BENCH, "data/stg_e/ood.jsonl"))
     args = cat.resolve(cat.parser.parse_args(["--model", "smollm2", "--max-new-tokens", "6"]))
     for (label, slug, _), size in itertools.product(methods, sizes[:1]):
-        model, tok = cat.load_pretrained(os.path.join(HERE, f"out/smollm2/{size}_{slug}_{SMOLLM2_SEEDS[0]}"), torch.float32, "eager")
+        model, tok = cat.load_pretrained(os.path.join(BENCH, f"smollm2/{size}_{slug}_{SMOLLM2_SEEDS[0]}"),
+                                         torch.float32, "eager")
         tok.pad_token = tok.pad_token or tok.eos_token
         fixed = cat.evaluate(model, tok, [repaired(r) for r in ood], args, torch.device("cpu"), None)[0]["accuracy"]
-        print(f"STG_{size} {label:16s} seed {SMOLLM2_SEEDS[0]}: OOD {100 * runs[label, size, SMOLLM2_SEEDS[0]][0]['ood']['accuracy']:.1f}, "
-              f"OOD with the spurious values repaired {100 * fixed:.1f}")
-    assert shifts["all weights", alpha] > shifts["all weights", 0] and shifts["LoRA r 8, lr 1e-3", alpha] > shifts["LoRA r 8, lr 1e-3", 0]
+        print(f"STG_{size} {label:16s} seed {SMOLLM2_SEEDS[0]}: OOD "
+              f"{100 * runs[label, size, SMOLLM2_SEEDS[0]][0]['ood']['accuracy']:.1f}, OOD with the spurious values "
+              f"repaired {100 * fixed:.1f}")
 
 
 TINY_METHODS = [("vanilla", "alpha0", ["--alpha", "0"]), ("CAT", "defaults", [])]
@@ -1518,26 +1748,26 @@ TINY_METHODS = [("vanilla", "alpha0", ["--alpha", "0"]), ("CAT", "defaults", [])
 @bench
 def test_bench_stg_table_vanilla_vs_cat():
     """Vanilla and CAT on the built-in model, trained from scratch, on STG_S, STG_M and STG_L over 3 seeds with its
-    defaults (about 30 minutes on 2 cores). Targets as for SmolLM2, and vanilla IID >= 90% on STG_L."""
-    mean = stg_table("stg_table", [], ["S", "M", "L"], [42, 43, 44], TINY_METHODS, stg_files())
-    vanilla_l = mean_std([json.load(open(os.path.join(HERE, f"out/stg_table/L_alpha0_{s}/metrics.json")))["iid"]["accuracy"]
+    defaults (about 30 minutes on 2 cores). Targets: the paper's effect, and vanilla IID >= 90% on STG_L."""
+    mean = stg_table("stg_table", [], ["S", "M", "L"], [42, 43, 44], TINY_METHODS, bench_files())
+    vanilla_l = mean_std([json.load(open(os.path.join(BENCH, f"stg_table/L_alpha0_{s}/metrics.json")))["iid"]["accuracy"]
                           for s in (42, 43, 44)])[0]
-    print(f"target vanilla IID >= 90 on STG_L: {'met' if vanilla_l >= 0.9 else 'NOT met'} ({100 * vanilla_l:.1f})")
-    assert targets_met(mean) and vanilla_l >= 0.9
+    paper_targets(mean)
+    target("vanilla IID on STG_L", f"{100 * vanilla_l:.1f}", ">= 90", vanilla_l >= 0.9)
 
 
 @bench
 def test_bench_alpha_grid_on_validation():
-    """Choose the built-in model's alpha on a validation split cut from STG_L's training rows (the last 200),
-    never on the test sets: the default must be the grid's best."""
+    """Choose the built-in model's alpha on 200 validation rows held out of STG_L, never on the test sets: the default
+    should be the grid's best."""
     grid = [0.0, 1.0, 1.5, 2.0, 3.0, 5.0]
-    stg.write_all(os.path.join(HERE, "data"))
-    jobs = [(f"out/alpha_grid/alpha_{a:g}", ["--train", "data/stg_e/train_L.jsonl", "--val", "200", "--alpha", str(a),
-                                            "--test", "", "--ood", ""]) for a in grid]
-    val = {a: m["val"]["accuracy"] for a, m in zip(grid, run_many(jobs, HERE))}
-    print("\nalpha grid, validation accuracy (200 rows held out of STG_L): "
+    files = bench_files(val=True)
+    jobs = [(f"alpha_grid/alpha_{a:g}", [*files["L"], "--alpha", str(a)]) for a in grid]
+    val = {a: m["val"]["accuracy"] for a, m in zip(grid, run_many(jobs))}
+    print(f"\n{time.strftime('%Y-%m-%d')}, {machine()}: alpha grid, validation accuracy (200 rows held out of STG_L): "
           + ", ".join(f"{a:g}: {100 * v:.1f}%" for a, v in val.items()))
-    assert cat.DEFAULTS["tiny"]["alpha"] == max(val, key=val.get)
+    target("the default alpha is the grid's best", f"{cat.DEFAULTS['tiny']['alpha']:g}", f"{max(val, key=val.get):g}",
+           cat.DEFAULTS["tiny"]["alpha"] == max(val, key=val.get))
 
 
 def repaired(row):
@@ -1556,12 +1786,13 @@ def test_bench_stg_why_the_ood_gain_is_small():
     attribute, layer by layer, on the OOD test; and OOD accuracy with the spurious values repaired. A model that
     reads only the causes scores the same on both."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    ood = cat.read_rows(os.path.join(HERE, "data/stg_e/ood.jsonl"))
+    ood = cat.read_rows(os.path.join(BENCH, "data/stg_e/ood.jsonl"))
     args = cat.resolve(cat.parser.parse_args(["--max-new-tokens", "4"]))
-    lines, gaps = [], {}
+    lines = []
     for run in [f"L_{slug}_{seed}" for _, slug, _ in TINY_METHODS for seed in (42, 43, 44)]:
-        folder = os.path.join(HERE, "out/stg_table", run)
-        assert os.path.isdir(folder), "run `python -m pytest -s -k bench_stg_table test_cat.py` first"
+        folder = os.path.join(BENCH, "stg_table", run)
+        if not os.path.exists(os.path.join(folder, "metrics.json")):
+            pytest.skip("run `python -m pytest -s -k bench_stg_table test_cat.py` first")
         model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
         tok = AutoTokenizer.from_pretrained(folder)
         acc = [cat.evaluate(model, tok, rows, args, torch.device("cpu"), None)[0]["accuracy"]
@@ -1580,7 +1811,221 @@ def test_bench_stg_why_the_ood_gain_is_small():
             layers.append(f"{share['causal']:.2f}/{share['spurious']:.2f}")
         lines.append(f"{run:12s} | OOD {100 * acc[0]:5.1f} | OOD repaired {100 * acc[1]:5.1f} | "
                      f"causal/spurious by layer {'  '.join(layers)}")
-        gaps.setdefault("vanilla" if "_alpha0_" in run else "CAT", []).append(acc[1] - acc[0])
-    print("\nSTG_L models, OOD test (400 rows):\n" + "\n".join(lines))
-    # the README's reading: CAT's models still take spurious values into account
-    assert mean_std(gaps["CAT"])[0] >= 0.05
+    print(f"\n{time.strftime('%Y-%m-%d')}, {machine()}: STG_L models, OOD test (400 rows):\n" + "\n".join(lines))
+
+
+# the regimes study (bench_smollm2_regimes): the paper's setting beside one in which vanilla learns the task
+PAPER_REGIME = ["--batch-size", "16", "--grad-accum", "4", "--epochs", "6", "--lr", "5e-5"]  # 64 a step, 42 steps
+PAPER_ALPHAS = [0.05, 0.15, 0.25, 0.35]  # from the paper's grid, 0.05 to 0.35; chosen, as the authors did, on OOD
+REGIME_SEEDS = [42, 43, 44]
+REGIME_FLAGS = ["--model", "smollm2", "--analysis-rows", "100"]
+T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571}  # Student's t, the 97.5% quantile, by number of seeds
+
+
+def interval(diffs):
+    """'mean ± half-width' of the 95% interval of the mean of paired differences (t distribution)."""
+    m, s = mean_std(diffs)
+    return f"{m:+.1f} ± {T975[len(diffs)] * s / math.sqrt(len(diffs)):.1f}" if len(diffs) > 1 else f"{m:+.1f}"
+
+
+def authors_scoring(run, rows):
+    """A saved run scored the paper's way: the prompt keeps its trailing space, the answer is the generated text
+    after it, stripped, and must equal the target exactly (the authors' evaluation script). {split: accuracy},
+    cached in the run's folder with its bench.json key."""
+    folder = os.path.join(BENCH, run["folder"])
+    path, stamp = os.path.join(folder, "authors_scoring.json"), json.load(open(os.path.join(folder, "bench.json")))
+    if os.path.exists(path) and json.load(open(path))["key"] == stamp:
+        return json.load(open(path))["accuracy"]
+    model, tok = cat.load_pretrained(folder, torch.float32, "eager")
+    tok.pad_token = tok.pad_token or tok.eos_token
+    device, amp, _ = cat.pick_device("auto")
+    model.to(device).eval()
+    accuracy = {}
+    for split, split_rows in rows.items():
+        right = 0
+        for s in range(0, len(split_rows), 64):
+            batch = split_rows[s:s + 64]
+            enc = tok([r["input"] for r in batch], return_tensors="pt", padding=True, padding_side="left").to(device)
+            with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                new = model.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=tok.pad_token_id)
+            texts = tok.batch_decode(new[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            right += sum(text.strip() == str(r["target"]) for text, r in zip(texts, batch))
+        accuracy[split] = right / len(split_rows)
+    json.dump({"key": stamp, "accuracy": accuracy}, open(path, "w"))
+    return accuracy
+
+
+def regime_line(label, runs, scored):
+    """A table row: accuracy (mean ± std over seeds), the share of 'Low Risk' answers, the authors' scoring."""
+    low = lambda split: mean_std([100 * m[split].get("answers", {}).get("Low Risk", 0) for m in runs])[0]
+    ours = lambda split: mean_std([100 * m[split]["accuracy"] for m in runs])[0]
+    theirs = lambda split: mean_std([100 * s[split] for s in scored])[0]
+    steps = runs[0]["log"][-1]["step"]
+    return (f"| {label} | {len(runs)} | {pct(runs, 'val')} | {pct(runs, 'iid')} | {pct(runs, 'ood')} | "
+            f"{low('iid'):.0f} / {low('ood'):.0f} | {theirs('iid'):.1f} / {theirs('ood'):.1f} "
+            f"({theirs('iid') - ours('iid'):+.1f} / {theirs('ood') - ours('ood'):+.1f}) | {steps} | "
+            f"{mean_std([m['seconds'] / 60 for m in runs])[0]:.0f} |")
+
+
+@bench
+def test_bench_smollm2_regimes():
+    """When does CAT help? SmolLM2-135M, all weights, vanilla against CAT in two regimes, with the baselines beside
+    them. The paper's regime, on STG_S: effective batch 64 (16 x 4), 6 epochs, lr 5e-5, gamma = exp(-epoch), about
+    42 steps; alpha from the paper's grid, chosen as the authors did on the OOD test set (so labelled), with as many
+    vanilla seeds as the grid has values to measure what that choice is worth. A trained regime, on STG_S and STG_L:
+    this project's batch 8 and lr 1e-4, alpha 0.37 (chosen on validation, bench_smollm2_alpha_grid), and the number of
+    epochs chosen on vanilla's validation accuracy (seed 42): 3, doubled while it improves. Every run is also scored
+    the authors' way (authors_scoring). About 5 hours on 2 cores."""
+    t0, files = time.time(), bench_files(val=True)
+    paper = lambda a, seed: (f"regimes/paper_S_alpha{a:g}_{seed}",
+                             [*REGIME_FLAGS, *files["S"], *PAPER_REGIME, "--alpha", str(a), "--seed", str(seed)])
+    trained = lambda size, a, seed, epochs: (f"regimes/trained_{size}_e{epochs}_alpha{a:g}_{seed}", [
+        *REGIME_FLAGS, *files[size], "--epochs", str(epochs), "--alpha", str(a), "--seed", str(seed)])
+    alpha = cat.DEFAULTS["smollm2"]["alpha"]
+    # the trained regime's epochs: 3 and 6 at once, then doubled while vanilla's validation accuracy improves
+    tried = {size: {} for size in "SL"}
+    todo = [(size, e) for size in "LS" for e in (6, 3)]
+    while todo:
+        for (size, e), m in zip(todo, run_many([trained(size, 0, 42, e) for size, e in todo])):
+            tried[size][e] = m["val"]["accuracy"]
+        todo = [(size, 2 * max(t)) for size, t in tried.items() if t[max(t)] > t[max(t) // 2] and max(t) < 24]
+    epochs = {size: max(sorted(t), key=t.get) for size, t in tried.items()}  # the fewest, among equals
+    print(f"\ntrained regime, vanilla seed 42, validation accuracy by epochs: {tried} -> epochs {epochs}", flush=True)
+    jobs = {("trained", size, a, seed): trained(size, a, seed, epochs[size])
+            for size in "LS" for a in (0, alpha) for seed in REGIME_SEEDS}
+    vanilla_seeds = list(range(42, 42 + max(len(PAPER_ALPHAS), len(REGIME_SEEDS))))
+    jobs.update({("paper", "S", 0, seed): paper(0, seed) for seed in vanilla_seeds})
+    jobs.update({("paper", "S", a, seed): paper(a, seed) for seed in REGIME_SEEDS for a in PAPER_ALPHAS})
+    runs = dict(zip(jobs, run_many(list(jobs.values()))))
+    tests = {split: cat.read_rows(os.path.join(BENCH, f"data/stg_e/{split}.jsonl")) for split in ("test", "ood")}
+    scored = {k: authors_scoring(m, {"iid": tests["test"], "ood": tests["ood"]}) for k, m in runs.items()}
+    b = runs["paper", "S", 0, 42]
+    print(f"\n{time.strftime('%Y-%m-%d')}, {machine()}: SmolLM2-135M, all weights, STG_E; {len(runs)} runs, "
+          f"{(time.time() - t0) / 60:.0f} min in all (runs two at a time, one thread each)\n"
+          f"baselines, IID: {stg.describe_baselines(b['iid']['baselines'])}; OOD: "
+          f"{stg.describe_baselines(b['ood']['baselines'])}; the true rule: 100 on both\n"
+          "| regime, train, method | seeds | validation | IID | OOD | 'Low Risk' answers, IID / OOD % | "
+          "authors' scoring IID / OOD (change) | steps | minutes a run |\n|---|---|---|---|---|---|---|---|---|")
+    seeds = lambda regime, size, a, which=REGIME_SEEDS: [runs[regime, size, a, s] for s in which]
+    score = lambda regime, size, a, which=REGIME_SEEDS: [scored[regime, size, a, s] for s in which]
+    for a in [0] + PAPER_ALPHAS:
+        which = vanilla_seeds if a == 0 else REGIME_SEEDS
+        label = "vanilla" if a == 0 else f"CAT alpha {a:g}"
+        print(regime_line(f"paper's, STG_S, {label}", seeds("paper", "S", a, which), score("paper", "S", a, which)))
+    for size in "SL":
+        for a in (0, alpha):
+            label = f"trained ({epochs[size]} epochs), STG_{size}, {'vanilla' if a == 0 else f'CAT alpha {a:g}'}"
+            print(regime_line(label, seeds("trained", size, a), score("trained", size, a)))
+    # CAT - vanilla, paired by seed, with 95% intervals
+    print("\nCAT - vanilla, paired by seed (mean and 95% interval, t distribution), IID / OOD:")
+    gain = lambda regime, size, a, split: [100 * (c[split]["accuracy"] - v[split]["accuracy"]) for c, v in zip(
+        seeds(regime, size, a), seeds(regime, size, 0))]
+    for a in PAPER_ALPHAS:
+        print(f"paper's, STG_S, alpha {a:g}: {interval(gain('paper', 'S', a, 'iid'))} / "
+              f"{interval(gain('paper', 'S', a, 'ood'))}; steps with L_attn > 0: "
+              f"{mean_std([sum(r['L_attn'] > 0 for r in m['log']) for m in seeds('paper', 'S', a)])[0]:.0f} of "
+              f"{runs['paper', 'S', a, 42]['log'][-1]['step']}")
+    for size in "SL":
+        print(f"trained, STG_{size}, alpha {alpha:g}: {interval(gain('trained', size, alpha, 'iid'))} / "
+              f"{interval(gain('trained', size, alpha, 'ood'))}")
+    # the selection effect: alpha chosen on the OOD test set, against the best of as many vanilla seeds
+    best = {s: max(PAPER_ALPHAS, key=lambda a: runs["paper", "S", a, s]["ood"]["accuracy"]) for s in REGIME_SEEDS}
+    ood = lambda a, s: 100 * runs["paper", "S", a, s]["ood"]["accuracy"]
+    vanilla_ood = [ood(0, s) for s in vanilla_seeds]
+    print("\nthe selection effect, paper's regime, OOD: CAT with alpha chosen on the OOD test set, per seed: "
+          + ", ".join(f"seed {s} alpha {best[s]:g} {ood(best[s], s):.1f} (vanilla {ood(0, s):.1f})" for s in REGIME_SEEDS)
+          + f"; best-of-grid CAT - vanilla, paired: {interval([ood(best[s], s) - ood(0, s) for s in REGIME_SEEDS])}\n"
+          f"vanilla over {len(vanilla_seeds)} seeds: mean {mean_std(vanilla_ood)[0]:.1f}, best {max(vanilla_ood):.1f} "
+          f"(best - mean {max(vanilla_ood) - mean_std(vanilla_ood)[0]:+.1f}); best-of-grid CAT, mean over seeds "
+          f"{mean_std([ood(best[s], s) for s in REGIME_SEEDS])[0]:.1f}")
+    majority = 100 * b["ood"]["baselines"]["majority"]
+    for regime, size, a in [("paper", "S", 0), ("trained", "S", 0), ("trained", "L", 0)]:
+        v = mean_std([100 * m["iid"]["accuracy"] for m in seeds(regime, size, a)])[0]
+        target(f"{regime} STG_{size} vanilla learns the task, IID", f"{v:.1f}",
+               f"> {100 * b['iid']['baselines']['majority']:.1f}, the majority", v > 100 * b["iid"]["baselines"]["majority"])
+    for regime, size, a in [("paper", "S", best[42]), ("trained", "S", alpha), ("trained", "L", alpha)]:
+        v = mean_std([100 * m["ood"]["accuracy"] for m in seeds(regime, size, a)])[0]
+        target(f"{regime} STG_{size} CAT alpha {a:g} above always 'Low Risk', OOD", f"{v:.1f}", f"> {majority:.1f}",
+               v > majority)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@bench
+def test_bench_annotate_against_a_real_llama_cpp_server(tmp_path):
+    """annotate.py against a real OpenAI-compatible server: llama.cpp's, from llama-cpp-python, serving the SmolLM2
+    GGUF file on a free loopback port. 20 STG_E rows without their `important`, the generic prompt, four workers, as a
+    user would run it. It checks what the run does, not the links' quality (a 135M model writes poor ones): every row
+    ends annotated or in the failures file with a reason, every kept link passes `linkable`, a second run asks only
+    the failed rows, and a wrong port stops the run in one line. Not in CI: building llama.cpp takes 10 minutes."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama_cpp is not installed: pip install 'llama-cpp-python[server]' (it builds llama.cpp)")
+    import importlib.metadata
+    import requests
+    folder, gguf = cat.model_files("smollm2")
+    port, log = free_port(), open(tmp_path / "server.log", "w")
+    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", os.path.join(folder, gguf["gguf_file"]),
+                               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"],
+                              stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}/v1"
+    annotate_cmd = lambda *flags: [sys.executable, os.path.join(HERE, "annotate.py"), "--task", "generic", *flags]
+    try:
+        deadline = time.time() + 300
+        while True:  # ready when it lists its model
+            try:
+                if requests.get(base + "/models", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-3000:]
+            time.sleep(1)
+        rows = [{"input": r["input"], "target": r["target"]} for r in stg.make_split("stg_e", "test", 20)]
+        stg.write_jsonl(tmp_path / "raw.jsonl", rows)
+        cmd = annotate_cmd("--input", "raw.jsonl", "--output", "out.jsonl", "--base-url", base, "--model", "smollm2",
+                           "--workers", "4", "--timeout", "120")
+        runs = []
+        for _ in range(2):
+            t0 = time.time()
+            runs.append((subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=3600),
+                         time.time() - t0))
+        (first, first_s), (second, second_s) = runs
+        out = read(tmp_path / "out.jsonl")
+        failed = read(tmp_path / "out.failed.jsonl") if (tmp_path / "out.failed.jsonl").exists() else []
+        summary = first.stdout.splitlines()[-1]
+        print(f"\n{time.strftime('%Y-%m-%d')}, {machine()}, llama.cpp (llama-cpp-python "
+              f"{importlib.metadata.version('llama_cpp_python')}) serving SmolLM2-135M-Instruct Q4_1; 20 STG_E rows, "
+              f"--workers 4:\nfirst run, {first_s:.0f} s, exit {first.returncode}: {summary}\nsecond run, {second_s:.0f}"
+              f" s, exit {second.returncode}: {second.stdout.splitlines()[0]} | {second.stdout.splitlines()[-1]}")
+        for reason, n in Counter(re.sub(r"\(.*", "", f["reason"]).strip() for f in failed).most_common():
+            print(f"failed rows after the second run, {n}: {reason}")
+        # every row is saved, or failed with a reason; the exit status says which
+        first_failed = int(re.search(r"failed (\d+)", summary).group(1))
+        assert first.returncode == (1 if first_failed else 0), first.stderr[-2000:]
+        assert int(re.search(r"ok (\d+)", summary).group(1)) + first_failed == 20
+        assert all(f["reason"] for f in failed) and len(out) + len(failed) == 20
+        assert {r["input"] for r in out} | {f["row"]["input"] for f in failed} == {r["input"] for r in rows}
+        # every kept link is one cat.py can use
+        assert all(annotate.linkable(r["input"] + r["target"], e, c)
+                   for r in out for link in r["important"] for e, cs in link.items() for c in cs)
+        # the second run asks only the rows the first one failed
+        assert f"20 rows: {20 - first_failed} saved by an earlier run, {first_failed} to ask" in second.stdout
+        # a port where nothing listens: one line naming the URL, at once
+        gone = subprocess.run(annotate_cmd("--input", "raw.jsonl", "--output", "gone.jsonl", "--base-url",
+                                           f"http://127.0.0.1:{free_port()}/v1", "--workers", "4"),
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert gone.returncode == 2 and len(gone.stderr.splitlines()) == 1 and "cannot reach" in gone.stderr
+        print(f"a port where nothing listens: exit 2, {gone.stderr.strip()}")
+        # a single-model llama.cpp server answers whatever --model says: no 404 reveals a wrong name
+        stg.write_jsonl(tmp_path / "one.jsonl", rows[:1])
+        wrong = subprocess.run(annotate_cmd("--input", "one.jsonl", "--output", "one.out.jsonl", "--base-url", base,
+                                            "--model", "no-such-model", "--retries", "1"),
+                               cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        print(f"--model no-such-model: exit {wrong.returncode}, {wrong.stdout.splitlines()[-1]}")
+        assert wrong.returncode in (0, 1) and "refused" not in wrong.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
