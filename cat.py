@@ -383,7 +383,7 @@ def main(argv=None):
     check_flags(args)  # Part II: a bad value is one line and exit 2, before anything is read
     device, amp, why = pick_device(args.device, args.amp)  # Part II
     world = start_ranks(device)  # Part II: torchrun's process group; 1 in one process
-    train_rows, tests = read_data(args)
+    train_rows, tests = read_data(args)  # Part II: the JSONL files
     compare = check_outputs(args)  # Part II: --out is writable; --compare's run, read
     fingerprint, checkpoint = resume_from(args, train_rows)  # Part II: checkpoint None if fresh
     say = print if is_main() else lambda *a: None
@@ -409,7 +409,7 @@ def main(argv=None):
     metrics, shown = {}, {}
     for name, rows in tests.items():
         metrics[name], shown[name] = evaluate(model, tokenizer, rows, args, device, amp)
-        if "factors" in rows[0]:  # STG: what the majority answer, and the shortcut, would score
+        if "factors" in rows[0] and "factors" in train_rows[0]:  # STG: answers without a cause
             metrics[name]["baselines"] = stg.baselines(train_rows, rows)
         say(describe(name, len(rows), metrics[name]))  # Part II
     metrics.update(links=links, start_ratio=round(start, 5), config=vars(args), log=log)
@@ -418,22 +418,6 @@ def main(argv=None):
     stop_ranks()
     return metrics
 
-
-def read_data(args):
-    """(training rows, {split: test rows}); --val's rows are the last training rows."""
-    wrote = write_missing_stg_files(args)  # Part II: the default STG files, written if missing
-    rows = read_rows(args.train, need_important=True)
-    if len(rows) <= args.val:
-        raise BadInput(f"{args.train}: {len(rows)} rows, not enough to train (--val {args.val})")
-    tests = {"val": rows[len(rows) - args.val:]} if args.val else {}
-    for name, path in (("iid", args.test), ("ood", args.ood)):
-        tests.update({name: read_rows(path)} if path else {})
-        if path and not tests[name]:
-            raise BadInput(f"{path}: 0 rows, nothing to test")
-    if wrote and is_main():
-        print("data/ lacked the STG files: wrote them with stg.py")
-    return rows[:len(rows) - args.val], tests
-
 # =============================================================================
 # Part II: extensions. Each enters Part I through one named call.
 # =============================================================================
@@ -441,8 +425,19 @@ def read_data(args):
 # -----------------------------------------------------------------------------
 # the command line: every flag; those left unset take the model's DEFAULTS (resolve)
 
-parser = argparse.ArgumentParser(description="Causal Attention Tuning: fine-tune with the "
-                                 "Re-Attention loss, then test.")
+# defaults that depend on the model: the paper's for pretrained models; for the built-in model,
+# what it needs to learn STG from scratch; for SmolLM2, chosen on validation rows (README).
+DEFAULTS = {"tiny": dict(alpha=2.0, gamma_decay=False, epochs=40, lr=1e-3, batch_size=32),
+            "pretrained": dict(alpha=0.2, gamma_decay=True, epochs=6, lr=5e-5, batch_size=8),
+            "pretrained+lora": dict(alpha=0.2, gamma_decay=True, epochs=6, lr=1e-4, batch_size=8),
+            "smollm2": dict(alpha=0.37, gamma_decay=True, epochs=3, lr=1e-4, batch_size=8),
+            "smollm2+lora": dict(alpha=0.37, gamma_decay=True, epochs=3, lr=1e-3, batch_size=8)}
+parser = argparse.ArgumentParser(
+    description="Causal Attention Tuning: fine-tune with the Re-Attention loss, then test.",
+    epilog="Flags left unset take the model's DEFAULTS: " + "; ".join(
+        f"{model}, " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in d.items())
+        for model, d in DEFAULTS.items()) + ". Exit status 2: bad flags or input, said in one line "
+    "before any model loads.")
 # data
 parser.add_argument("--train", default="data/stg_e/train_M.jsonl", help="training JSONL: input, "
                     "target, important (STG files missing under data/ are written by stg.py)")
@@ -507,18 +502,9 @@ parser.add_argument("--out", default="out", help="output folder (see above)")
 parser.add_argument("--compare", help="an earlier run's --out (say, vanilla) to show beside this "
                     "one in attention.html")
 
-# Defaults that depend on the model: the paper's for pretrained models; for the built-in model,
-# what it needs to learn STG from scratch; for SmolLM2, chosen on validation rows (README).
-DEFAULTS = {"tiny": dict(alpha=2.0, gamma_decay=False, epochs=40, lr=1e-3, batch_size=32),
-            "full": dict(alpha=0.2, gamma_decay=True, epochs=6, lr=5e-5, batch_size=8),
-            "full+lora": dict(alpha=0.2, gamma_decay=True, epochs=6, lr=1e-4, batch_size=8),
-            "smollm2": dict(alpha=0.37, gamma_decay=True, epochs=3, lr=1e-4, batch_size=8),
-            "smollm2+lora": dict(alpha=0.37, gamma_decay=True, epochs=3, lr=1e-3, batch_size=8)}
-
-
 def resolve(args):
     """Fill the flags left unset with the model's DEFAULTS (not alpha, with --alpha-scale)."""
-    kind = args.model if args.model in ("tiny", "smollm2") else "full"
+    kind = args.model if args.model in ("tiny", "smollm2") else "pretrained"
     for key, value in DEFAULTS[kind + ("+lora" if args.lora and kind != "tiny" else "")].items():
         if getattr(args, key) is None and not (key == "alpha" and args.alpha_scale is not None):
             setattr(args, key, value)
@@ -622,7 +608,23 @@ def cpu_flags():
         return f.read()
 
 # -----------------------------------------------------------------------------
-# the STG files under data/, written when a default path lacks them: write_missing_stg_files
+# the data files: read_data; the STG files under data/, written when a default path lacks them
+
+
+def read_data(args):
+    """(training rows, {split: test rows}); --val's rows are the last training rows."""
+    wrote = write_missing_stg_files(args)
+    rows = read_rows(args.train, need_important=True)
+    if len(rows) <= args.val:
+        raise BadInput(f"{args.train}: {len(rows)} rows, not enough to train (--val {args.val})")
+    tests = {"val": rows[len(rows) - args.val:]} if args.val else {}
+    for name, path in (("iid", args.test), ("ood", args.ood)):
+        tests.update({name: read_rows(path)} if path else {})
+        if path and not tests[name]:
+            raise BadInput(f"{path}: 0 rows, nothing to test")
+    if wrote and is_main():
+        print("data/ lacked the STG files: wrote them with stg.py")
+    return rows[:len(rows) - args.val], tests
 
 
 def write_missing_stg_files(args):
