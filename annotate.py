@@ -30,6 +30,7 @@ from urllib3.exceptions import NewConnectionError
 PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
 TASKS = sorted(f[:-4] for f in os.listdir(PROMPTS) if f.endswith(".txt"))
 RETRY_STATUS = {408, 409, 429}  # and every 5xx
+REASK_TEMPERATURE = 0.7  # a row asked again is asked this warm at least: at 0, servers repeat
 
 parser = argparse.ArgumentParser(
     description="Annotate JSONL rows with causal links from an OpenAI-compatible endpoint.",
@@ -58,8 +59,8 @@ parser.add_argument("--workers", type=int, default=4, help="requests in flight a
                     "session each")
 parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one reply")
 parser.add_argument("--retries", type=int, default=5, help="attempts per request on timeouts, "
-                    "408, 409, 429 and 5xx; and times a row is asked again when its reply cannot "
-                    "be used (not JSON, no usable link)")
+                    "408, 409, 429 and 5xx; and times a row is asked when its reply cannot be used "
+                    "(not JSON, no usable link), again at temperature 0.7 or more")
 parser.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry, "
                     "doubled each attempt, with +-50%% jitter (Retry-After wins)")
 
@@ -160,11 +161,11 @@ def retry_after(headers):
     return max(0.0, when.timestamp() - time.time())
 
 
-def ask(session, args, prompt, secret, spent):
-    """POST one chat completion with retries; return the reply's text. `spent` counts every
-    request and the tokens of every reply, used or not."""
+def ask(session, args, prompt, temperature, secret, spent):
+    """POST one chat completion with retries; return the reply's text, and whether --max-tokens cut
+    it off. `spent` counts every request and the tokens of every reply, used or not."""
     url = args.base_url.rstrip("/") + "/chat/completions"
-    body = {"model": args.model, "temperature": args.temperature, "max_tokens": args.max_tokens,
+    body = {"model": args.model, "temperature": temperature, "max_tokens": args.max_tokens,
             "messages": [{"role": "user", "content": prompt}]}
     if args.json_mode:
         body["response_format"] = {"type": "json_object"}
@@ -189,7 +190,8 @@ def ask(session, args, prompt, secret, spent):
                     reply = r.json()
                     spent(**{k: v for k, v in (reply.get("usage") or {}).items()
                              if k in ("prompt_tokens", "completion_tokens")})
-                    return reply["choices"][0]["message"]["content"]
+                    choice = reply["choices"][0]
+                    return choice["message"]["content"], choice.get("finish_reason") == "length"
                 except (ValueError, KeyError, IndexError, TypeError, AttributeError):
                     raise RowFailed(f"not a chat completion: {scrub(r.text[:200], secret)}") \
                         from None
@@ -334,9 +336,11 @@ def main(argv=None):
             if secret:  # optional: local servers need no key
                 sessions.s.headers["Authorization"] = f"Bearer {secret}"
         text = rows[i]["input"] + str(rows[i]["target"])
-        for _ in range(args.retries):  # a reply that cannot be used is asked for again
+        prompt = template.replace("{text}", text)
+        for attempt in range(args.retries):  # a reply that cannot be used is asked for again
+            warmth = args.temperature if attempt == 0 else max(args.temperature, REASK_TEMPERATURE)
             try:
-                reply = ask(sessions.s, args, template.replace("{text}", text), secret, spent)
+                reply, cut = ask(sessions.s, args, prompt, warmth, secret, spent)
             except Fatal as e:
                 fatal.append(e)
                 raise
@@ -344,7 +348,7 @@ def main(argv=None):
                 important, dropped = parse_links(reply, text)
                 return dict(rows[i], important=important), dropped
             except RowFailed as e:
-                reason = e
+                reason = f"{e}{' (the reply hit --max-tokens)' if cut else ''}"
         raise RowFailed(f"{reason} (asked {args.retries} times)")
 
     print(f"{len(rows)} rows: {len(done)} saved by an earlier run, {len(todo)} to ask "

@@ -419,7 +419,7 @@ def main(argv=None):
     return metrics
 
 # =============================================================================
-# Part II: extensions. Each enters Part I through one named call.
+# Part II: the extensions, each entering Part I through one named call; the command line
 # =============================================================================
 
 # -----------------------------------------------------------------------------
@@ -498,9 +498,11 @@ parser.add_argument("--analysis-rows", type=int, default=200, help="the first ro
                     "accuracy counts every row")
 parser.add_argument("--log-every", type=int, default=1, help="optimizer steps between log lines "
                     "(0: none)")
-parser.add_argument("--out", default="out", help="output folder (see above)")
+parser.add_argument("--out", default="out", help="output folder: the model and tokenizer, "
+                    "metrics.json, attention.json, attention.html")
 parser.add_argument("--compare", help="an earlier run's --out (say, vanilla) to show beside this "
                     "one in attention.html")
+
 
 def resolve(args):
     """Fill the flags left unset with the model's DEFAULTS (not alpha, with --alpha-scale)."""

@@ -10,11 +10,13 @@ import email.utils
 import hashlib
 import html
 import html.parser
+import importlib.metadata
 import importlib.util
 import itertools
 import json
 import math
 import os
+import random
 import re
 import shutil
 import socket
@@ -535,6 +537,14 @@ def test_cat_end_to_end_writes_metrics_report_and_reloads(tmp_path):
             shares = metrics[split][key]
             assert list(shares) == list(cat.KINDS) and 0.2 < sum(shares.values()) <= 1 + 1e-6, (key, shares)
         assert [len(v) for v in metrics[split]["attention_by_layer"].values()] == [cat.TINY["num_hidden_layers"]] * 4
+        # what the model answers, and the baselines, on every printed and saved report
+        rows = read(tmp_path / f"{'test' if split == 'iid' else 'ood'}.jsonl")
+        answers = metrics[split]["answers"]
+        assert set(answers) <= {"Low Risk", "High Risk", "None"} and sum(answers.values()) == pytest.approx(1)
+        assert metrics[split]["baselines"] == stg.baselines(read(tmp_path / "train.jsonl"), rows)
+        line = f"baselines: {stg.describe_baselines(metrics[split]['baselines'])}"
+        assert line in r.stdout and html.escape(stg.describe_baselines(metrics[split]["baselines"])) in \
+            (tmp_path / "run1/attention.html").read_text()
     assert metrics["links"] == {"found": 48 * 3, "missing": 0, "truncated": 0}
     assert metrics["config"]["alpha"] == 0 and metrics["config"]["epochs"] == 2 and len(metrics["log"]) == 2 * 6
     assert (tmp_path / "run1/config.json").exists() and (tmp_path / "run1/tokenizer.json").exists()
@@ -951,8 +961,10 @@ class Endpoint:
                     attempt = endpoint.attempts[text]
                     endpoint.log.append((time.time(), text, attempt, body, dict(self.headers)))
                 status, content, headers = endpoint.behave(text, attempt, self.headers.get("Authorization", ""))
-                if status == 200:
-                    content = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}],
+                if status == 200:  # a 'cut' row's reply stops at max_tokens, as a long one does
+                    finish = "length" if re.search(r"row \d+ cut", text) else "stop"
+                    content = json.dumps({"choices": [{"message": {"role": "assistant", "content": content},
+                                                       "finish_reason": finish}],
                                           "usage": {"prompt_tokens": 100, "completion_tokens": 20}})
                 try:
                     self.send_response(status)
@@ -985,6 +997,8 @@ class Endpoint:
             return 200, json.dumps({"has 7": ["Tom", "Mary"], "Zorro": ["Tom"], "Answer: 7": ["has 7"]}), {}
         if kind == "nolink":
             return 200, json.dumps({"Zorro": ["Mary"]}), {}
+        if kind == "cut":
+            return 200, '{"has 7": ["Tom"], "Answer: 7": ["ha', {}
         if kind == "rate" and attempt == 1:
             return 429, '{"error": {"message": "slow down"}}', {"Retry-After": "1"}
         if kind == "ratems" and attempt == 1:
@@ -1027,21 +1041,22 @@ def annotate_args(tmp_path, url, *flags):
 def test_annotate_handles_every_kind_of_reply(tmp_path, endpoint, monkeypatch, capsys):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-SECRET-123")
     kinds = ["good", "fenced", "badjson", "absent", "nolink", "rate", "ratems", "err500", "always500", "slow", "bad400", "good",
-             "flaky", "inword"]
+             "flaky", "inword", "cut"]
     rows = raw_rows(kinds)
     stg.write_jsonl(tmp_path / "raw.jsonl", rows)
     server = endpoint()
     tally = annotate.main(annotate_args(tmp_path, server.url, "--workers", "4", "--timeout", "0.5",
                                         "--retries", "3", "--backoff", "0.05"))
     out, failed = read(tmp_path / "out.jsonl"), read(tmp_path / "out.failed.jsonl")
-    ok = [k for k in kinds if k not in ("badjson", "nolink", "always500", "bad400")]
+    ok = [k for k in kinds if k not in ("badjson", "nolink", "always500", "bad400", "cut")]
     assert [r["input"].split(":")[0] for r in out] == [r["input"].split(":")[0] for r in rows if r["input"].split()[2].rstrip(":") in ok]
     for r in out:  # each row unchanged, plus `important`
         assert {k: v for k, v in r.items() if k != "important"} == rows[r["id"]]
         assert r["important"] == [{"has 7": ["Tom"]}, {"Answer: 7": ["has 7"]}]
     reasons = {f["row"]["input"].split()[2].rstrip(":"): f["reason"] for f in failed}
-    assert set(reasons) == {"badjson", "nolink", "always500", "bad400"}
+    assert set(reasons) == {"badjson", "nolink", "always500", "bad400", "cut"}
     assert "not JSON" in reasons["badjson"] and "no usable link" in reasons["nolink"]  # the last reason, after 3 tries
+    assert "hit --max-tokens" in reasons["cut"] and "hit --max-tokens" not in reasons["badjson"]
     assert all("(asked 3 times)" in reasons[k] for k in ("badjson", "nolink"))
     assert "gave up after 3 attempts: HTTP 500" in reasons["always500"] and "HTTP 400: " in reasons["bad400"]
     assert all(f["line"] == f["row"]["id"] + 1 for f in failed)
@@ -1049,18 +1064,23 @@ def test_annotate_handles_every_kind_of_reply(tmp_path, endpoint, monkeypatch, c
     assert attempts["bad400"] == 1 and attempts["always500"] == 3 and attempts["err500"] == 3
     assert attempts["slow"] == 2 and attempts["rate"] == 2 and attempts["good"] == 1
     assert attempts["badjson"] == 3 and attempts["nolink"] == 3 and attempts["flaky"] == 2  # unusable replies: asked again
+    temperatures = {}  # a row asked again is asked warmer, or a server at temperature 0 would repeat itself
+    for _, text, _, body, _ in server.log:
+        temperatures.setdefault(text.split()[2].rstrip(":"), []).append(body["temperature"])
+    assert temperatures["flaky"] == [0, 0.7] and temperatures["badjson"] == [0, 0.7, 0.7]
+    assert temperatures["rate"] == [0, 0] and temperatures["err500"] == [0, 0, 0]  # retries of one request
     times = {k: [t for t, text, *_ in server.log if f" {k}:" in text] for k in ("rate", "ratems")}
     assert times["rate"][1] - times["rate"][0] >= 0.95            # Retry-After: 1 (seconds)
     assert 0.28 <= times["ratems"][1] - times["ratems"][0] < 0.9  # retry-after-ms: 300
     # dropped links, each (effect, cause) once: (has 7, Mary) and (Zorro, Tom) of 'absent', (Answer: 7, om) of 'inword'
-    assert tally["ok"] == 10 and tally["failed"] == 4 and tally["dropped"] == 3
+    assert tally["ok"] == 10 and tally["failed"] == 5 and tally["dropped"] == 3
     # every request counted, and the tokens of every reply: re-asks, failed rows and retries too
-    assert tally["requests"] == len(server.log) == 26
-    # 17 of them got a reply to count: not the five 500s, the two 429s, the 400, nor slow's timeout
-    assert tally["prompt_tokens"] == 100 * 17 and tally["completion_tokens"] == 20 * 17
+    assert tally["requests"] == len(server.log) == 29
+    # 20 of them got a reply to count: not the five 500s, the two 429s, the 400, nor slow's timeout
+    assert tally["prompt_tokens"] == 100 * 20 and tally["completion_tokens"] == 20 * 20
     summary = capsys.readouterr().out
-    assert "rows 14 | ok 10" in summary and "failed 4" in summary and "links dropped 3" in summary
-    assert "requests 26 | tokens 1700 prompt + 340 completion" in summary
+    assert "rows 15 | ok 10" in summary and "failed 5" in summary and "links dropped 3" in summary
+    assert "requests 29 | tokens 2000 prompt + 400 completion" in summary
     # JSON mode by default; the key travels in the header only, and is never written or printed
     assert all(body["response_format"] == {"type": "json_object"} for *_, body, _ in server.log)
     assert all(body["max_tokens"] == 512 for *_, body, _ in server.log)  # the default, --max-tokens
@@ -1287,9 +1307,10 @@ def run_many(jobs, at_once=None):
     """Run `python cat.py` for every (folder, flags) job in BENCH/folder and return their metrics, each with the
     run's wall time in `seconds`. A finished run is reused only when its flags and code_hash are the job's, a killed
     one with the same flags and code resumes from its checkpoint, and anything else starts afresh: a fork that
-    changes cat.py never reads old numbers. One single-threaded process per CPU core, or four sharing a GPU."""
-    at_once = at_once or (4 if torch.cuda.is_available() else os.cpu_count())
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, os.cpu_count() // at_once)))
+    changes cat.py never reads old numbers. One single-threaded process per CPU core (a lone job gets them all),
+    or four sharing a GPU."""
+    at_once = min(at_once or (4 if torch.cuda.is_available() else os.cpu_count()), max(1, len(jobs)))
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, os.cpu_count() // at_once)))  # a lone run: every core
     key = lambda flags: {"code": code_hash(), "flags": flags}
 
     def one(job):
@@ -1816,9 +1837,11 @@ def test_bench_stg_why_the_ood_gain_is_small():
 
 # the regimes study (bench_smollm2_regimes): the paper's setting beside one in which vanilla learns the task
 PAPER_REGIME = ["--batch-size", "16", "--grad-accum", "4", "--epochs", "6", "--lr", "5e-5"]  # 64 a step, 42 steps
-PAPER_ALPHAS = [0.05, 0.15, 0.25, 0.35]  # from the paper's grid, 0.05 to 0.35; chosen, as the authors did, on OOD
+PAPER_ALPHAS = [0.15, 0.25, 0.35]  # from the paper's grid, 0.05 to 0.35; chosen, as the authors did, on OOD
 REGIME_SEEDS = [42, 43, 44]
 REGIME_FLAGS = ["--model", "smollm2", "--analysis-rows", "100"]
+ROWS_SEEN = 9600  # the trained regime's cap on epochs x training rows: 6 epochs of STG_L, 24 of STG_S
+SIZE_ROWS = {"S": 400, "M": 800, "L": 1600}
 T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571}  # Student's t, the 97.5% quantile, by number of seeds
 
 
@@ -1874,7 +1897,8 @@ def test_bench_smollm2_regimes():
     42 steps; alpha from the paper's grid, chosen as the authors did on the OOD test set (so labelled), with as many
     vanilla seeds as the grid has values to measure what that choice is worth. A trained regime, on STG_S and STG_L:
     this project's batch 8 and lr 1e-4, alpha 0.37 (chosen on validation, bench_smollm2_alpha_grid), and the number of
-    epochs chosen on vanilla's validation accuracy (seed 42): 3, doubled while it improves. Every run is also scored
+    epochs chosen on vanilla's validation accuracy (seed 42): 3, doubled while it improves by more than its
+    standard error, up to 9600 rows seen. Every run is also scored
     the authors' way (authors_scoring). About 5 hours on 2 cores."""
     t0, files = time.time(), bench_files(val=True)
     paper = lambda a, seed: (f"regimes/paper_S_alpha{a:g}_{seed}",
@@ -1882,15 +1906,18 @@ def test_bench_smollm2_regimes():
     trained = lambda size, a, seed, epochs: (f"regimes/trained_{size}_e{epochs}_alpha{a:g}_{seed}", [
         *REGIME_FLAGS, *files[size], "--epochs", str(epochs), "--alpha", str(a), "--seed", str(seed)])
     alpha = cat.DEFAULTS["smollm2"]["alpha"]
-    # the trained regime's epochs: 3 and 6 at once, then doubled while vanilla's validation accuracy improves
-    tried = {size: {} for size in "SL"}
+    # the trained regime's epochs: 3 and 6 at once, then doubled while vanilla's validation accuracy improves by
+    # more than its standard error on 200 rows, sqrt(p (1 - p) / 200), and the run sees at most ROWS_SEEN rows
+    tried, better = {size: {} for size in "SL"}, lambda t, e: t[2 * e] - t[e] > math.sqrt(t[e] * (1 - t[e]) / 200)
     todo = [(size, e) for size in "LS" for e in (6, 3)]
     while todo:
         for (size, e), m in zip(todo, run_many([trained(size, 0, 42, e) for size, e in todo])):
             tried[size][e] = m["val"]["accuracy"]
-        todo = [(size, 2 * max(t)) for size, t in tried.items() if t[max(t)] > t[max(t) // 2] and max(t) < 24]
-    epochs = {size: max(sorted(t), key=t.get) for size, t in tried.items()}  # the fewest, among equals
-    print(f"\ntrained regime, vanilla seed 42, validation accuracy by epochs: {tried} -> epochs {epochs}", flush=True)
+        todo = [(size, 2 * max(t)) for size, t in tried.items()
+                if better(t, max(t) // 2) and 2 * max(t) * SIZE_ROWS[size] <= ROWS_SEEN]
+    epochs = {size: max(e for e in t if e == 3 or better(t, e // 2)) for size, t in tried.items()}
+    print(f"\ntrained regime, vanilla seed 42, validation accuracy by epochs (doubled while it improves by more than "
+          f"its standard error, up to {ROWS_SEEN} rows seen): {tried} -> epochs {epochs}", flush=True)
     jobs = {("trained", size, a, seed): trained(size, a, seed, epochs[size])
             for size in "LS" for a in (0, alpha) for seed in REGIME_SEEDS}
     vanilla_seeds = list(range(42, 42 + max(len(PAPER_ALPHAS), len(REGIME_SEEDS))))
@@ -1949,6 +1976,21 @@ def test_bench_smollm2_regimes():
                v > majority)
 
 
+def word_problems(n, seed=0):
+    """`n` small arithmetic word problems in the form of MAWPS rows (input, target 'Answer: 12.0')."""
+    rng, rows = random.Random(seed), []
+    forms = [("{name} has {a} {things}. {name} buys {b} more. How many {things} does {name} have now?", int.__add__),
+             ("{name} had {a} {things} and gave {b} to a friend. How many {things} does {name} have left?", int.__sub__),
+             ("{name} buys {a} boxes with {b} {things} in each box. How many {things} does {name} have?", int.__mul__)]
+    for k in range(n):
+        form, op = forms[k % len(forms)]
+        a, b = rng.randint(12, 40), rng.randint(2, 11)
+        text = form.format(name=rng.choice(["Tom", "Mia", "Sara", "Ben", "Lena"]), a=a, b=b,
+                           things=rng.choice(["apples", "marbles", "stickers", "pencils"]))
+        rows.append({"input": text, "target": f"Answer: {float(op(a, b))}"})
+    return rows
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -1958,13 +2000,12 @@ def free_port():
 @bench
 def test_bench_annotate_against_a_real_llama_cpp_server(tmp_path):
     """annotate.py against a real OpenAI-compatible server: llama.cpp's, from llama-cpp-python, serving the SmolLM2
-    GGUF file on a free loopback port. 20 STG_E rows without their `important`, the generic prompt, four workers, as a
-    user would run it. It checks what the run does, not the links' quality (a 135M model writes poor ones): every row
+    GGUF file on a free loopback port. 20 word problems in MAWPS's form with the mawps prompt, four workers, as a user
+    would run it. It checks what the run does, not the links' quality (a 135M model writes poor ones): every row
     ends annotated or in the failures file with a reason, every kept link passes `linkable`, a second run asks only
     the failed rows, and a wrong port stops the run in one line. Not in CI: building llama.cpp takes 10 minutes."""
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama_cpp is not installed: pip install 'llama-cpp-python[server]' (it builds llama.cpp)")
-    import importlib.metadata
     import requests
     folder, gguf = cat.model_files("smollm2")
     port, log = free_port(), open(tmp_path / "server.log", "w")
@@ -1972,7 +2013,7 @@ def test_bench_annotate_against_a_real_llama_cpp_server(tmp_path):
                                "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"],
                               stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}/v1"
-    annotate_cmd = lambda *flags: [sys.executable, os.path.join(HERE, "annotate.py"), "--task", "generic", *flags]
+    annotate_cmd = lambda *flags: [sys.executable, os.path.join(HERE, "annotate.py"), "--task", "mawps", *flags]
     try:
         deadline = time.time() + 300
         while True:  # ready when it lists its model
@@ -1983,7 +2024,7 @@ def test_bench_annotate_against_a_real_llama_cpp_server(tmp_path):
                 pass
             assert server.poll() is None and time.time() < deadline, (tmp_path / "server.log").read_text()[-3000:]
             time.sleep(1)
-        rows = [{"input": r["input"], "target": r["target"]} for r in stg.make_split("stg_e", "test", 20)]
+        rows = word_problems(20)
         stg.write_jsonl(tmp_path / "raw.jsonl", rows)
         cmd = annotate_cmd("--input", "raw.jsonl", "--output", "out.jsonl", "--base-url", base, "--model", "smollm2",
                            "--workers", "4", "--timeout", "120")
@@ -1993,12 +2034,14 @@ def test_bench_annotate_against_a_real_llama_cpp_server(tmp_path):
             runs.append((subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=3600),
                          time.time() - t0))
         (first, first_s), (second, second_s) = runs
+        assert first.returncode in (0, 1), f"exit {first.returncode}: {first.stderr[-2000:]}\n" + \
+            (tmp_path / "server.log").read_text()[-2000:]
         out = read(tmp_path / "out.jsonl")
         failed = read(tmp_path / "out.failed.jsonl") if (tmp_path / "out.failed.jsonl").exists() else []
         summary = first.stdout.splitlines()[-1]
         print(f"\n{time.strftime('%Y-%m-%d')}, {machine()}, llama.cpp (llama-cpp-python "
-              f"{importlib.metadata.version('llama_cpp_python')}) serving SmolLM2-135M-Instruct Q4_1; 20 STG_E rows, "
-              f"--workers 4:\nfirst run, {first_s:.0f} s, exit {first.returncode}: {summary}\nsecond run, {second_s:.0f}"
+              f"{importlib.metadata.version('llama_cpp_python')}) serving SmolLM2-135M-Instruct Q4_1; 20 word "
+              f"problems, --task mawps, --workers 4:\nfirst run, {first_s:.0f} s, exit {first.returncode}: {summary}\nsecond run, {second_s:.0f}"
               f" s, exit {second.returncode}: {second.stdout.splitlines()[0]} | {second.stdout.splitlines()[-1]}")
         for reason, n in Counter(re.sub(r"\(.*", "", f["reason"]).strip() for f in failed).most_common():
             print(f"failed rows after the second run, {n}: {reason}")
