@@ -364,10 +364,11 @@ def evaluate(model, tokenizer, rows, args, device, amp, keep=24):
                   for x in factored]                                                # (T, K) each
         by_layer = sum(x["attention"] @ o for x, o in zip(factored, onehot)) / len(factored)
         grad = sum((x["gradxinput"] / x["gradxinput"].sum()) @ o for x, o in zip(factored, onehot))
+        rounded = lambda t, digits=5: [round(v, digits) for v in t.tolist()]
         result.update(analysed_rows=len(factored),
-                      attention=dict(zip(KINDS, by_layer.mean(0).tolist())),
-                      gradxinput=dict(zip(KINDS, (grad / len(factored)).tolist())),
-                      attention_by_layer={k: by_layer[:, j].tolist() for j, k in enumerate(KINDS)})
+                      attention=dict(zip(KINDS, rounded(by_layer.mean(0)))),
+                      gradxinput=dict(zip(KINDS, rounded(grad / len(factored)))),
+                      attention_by_layer=dict(zip(KINDS, (rounded(c, 4) for c in by_layer.T))))
     examples = [dict(index=i, prediction=predictions[i], target=rows[i]["target"], right=right[i],
                      tokens=looks[i]["tokens"], kinds=looks[i]["kinds"],
                      weights=[round(w, 5) for w in looks[i]["attention"].mean(0).tolist()])
