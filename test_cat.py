@@ -1643,21 +1643,23 @@ def test_bench_smollm2_alpha_grid_on_validation():
 def test_bench_bf16_autocast_matches_float32():
     """SmolLM2 with its defaults (CAT, all weights, 3 epochs) on STG_S, seed 42, in bf16 autocast (a CPU with
     avx512_bf16) and in float32 (--no-amp), one run at a time so that each has the machine: IID and OOD accuracy and
-    the wall time of the whole run (training, and evaluation of 800 rows). Targets: within 2.5 points of each other on
-    average; <= 6 minutes in bf16 and <= 15 in float32 on 2 cores."""
-    if cat.pick_device("auto")[1] is None:
-        pytest.skip(f"no bf16 math on this machine: {cat.pick_device('auto')[2]}")
-    files = bench_files()
+    the wall time of the whole run (training, and evaluation of 800 rows). A CPU without avx512_bf16 runs float32
+    alone. Targets: within 2.5 points of each other on average; <= 6 minutes in bf16 and <= 15 in float32 on 2 cores."""
+    files, why = bench_files(), cat.pick_device("auto")[2]
+    amps = ("amp", "no-amp") if cat.pick_device("auto")[1] is not None else ("no-amp",)  # bf16 where it exists
     runs = {amp: run_many([(f"bf16_check/smollm2_S_{amp}_42", ["--model", "smollm2", *files["S"], f"--{amp}"])],
-                          at_once=1)[0] for amp in ("amp", "no-amp")}
+                          at_once=1)[0] for amp in amps}
     print(f"\n{time.strftime('%Y-%m-%d')}, {machine()}, SmolLM2 STG_S seed 42, one run at a time:")
     for amp, m in runs.items():
         steps = sorted(r["ms"] for r in m["log"])
         print(f"| {'bf16 autocast' if amp == 'amp' else 'float32'} | IID {100 * m['iid']['accuracy']:.1f} | OOD "
               f"{100 * m['ood']['accuracy']:.1f} | {steps[len(steps) // 2]} ms per step | {m['seconds'] / 60:.1f} min |")
-    gap = sum(abs(runs["amp"][s]["accuracy"] - runs["no-amp"][s]["accuracy"]) for s in ("iid", "ood")) * 50
-    target("bf16 vs float32, mean accuracy gap", f"{gap:.1f} points", "<= 2.5", gap <= 2.5)
-    target("bf16 run", f"{runs['amp']['seconds'] / 60:.1f} min", "<= 6", runs["amp"]["seconds"] <= 360)
+    if "amp" in runs:
+        gap = sum(abs(runs["amp"][s]["accuracy"] - runs["no-amp"][s]["accuracy"]) for s in ("iid", "ood")) * 50
+        target("bf16 vs float32, mean accuracy gap", f"{gap:.1f} points", "<= 2.5", gap <= 2.5)
+        target("bf16 run", f"{runs['amp']['seconds'] / 60:.1f} min", "<= 6", runs["amp"]["seconds"] <= 360)
+    else:
+        print(f"bf16 not measured: {why}")
     target("float32 run", f"{runs['no-amp']['seconds'] / 60:.1f} min", "<= 15", runs["no-amp"]["seconds"] <= 900)
 
 
@@ -1899,7 +1901,7 @@ def test_bench_smollm2_regimes():
     this project's batch 8 and lr 1e-4, alpha 0.37 (chosen on validation, bench_smollm2_alpha_grid), and the number of
     epochs chosen on vanilla's validation accuracy (seed 42): 3, doubled while it improves by more than its
     standard error, up to 9600 rows seen. Every run is also scored
-    the authors' way (authors_scoring). About 5 hours on 2 cores."""
+    the authors' way (authors_scoring). 27 runs: 5 to 17 hours on 2 cores with bf16 (README, appendix A)."""
     t0, files = time.time(), bench_files(val=True)
     paper = lambda a, seed: (f"regimes/paper_S_alpha{a:g}_{seed}",
                              [*REGIME_FLAGS, *files["S"], *PAPER_REGIME, "--alpha", str(a), "--seed", str(seed)])
