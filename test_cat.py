@@ -1645,8 +1645,8 @@ def test_bench_bf16_autocast_matches_float32():
     avx512_bf16) and in float32 (--no-amp), one run at a time so that each has the machine: IID and OOD accuracy and
     the wall time of the whole run (training, and evaluation of 800 rows). A CPU without avx512_bf16 runs float32
     alone. Targets: within 2.5 points of each other on average; <= 6 minutes in bf16 and <= 15 in float32 on 2 cores."""
-    files, why = bench_files(), cat.pick_device("auto")[2]
-    amps = ("amp", "no-amp") if cat.pick_device("auto")[1] is not None else ("no-amp",)  # bf16 where it exists
+    files, (_, bf16, why) = bench_files(), cat.pick_device("auto")
+    amps = ("amp", "no-amp") if bf16 is not None else ("no-amp",)  # bf16 where it exists
     runs = {amp: run_many([(f"bf16_check/smollm2_S_{amp}_42", ["--model", "smollm2", *files["S"], f"--{amp}"])],
                           at_once=1)[0] for amp in amps}
     print(f"\n{time.strftime('%Y-%m-%d')}, {machine()}, SmolLM2 STG_S seed 42, one run at a time:")
