@@ -110,32 +110,38 @@ def build_adjacency(tokenizer, text, important, max_length):
 # the Re-Attention loss (paper, Section 4.2)
 
 
-def re_attention_loss(maps, adj, rows, alpha, stats=None, skip_first=False):
+def row_masks(adj, rows, mask, skip_first=False):
+    """For the query rows `rows` (B, R) of a batch with attention mask `mask` (B, T) and adjacency
+    rows `adj` (B, R, T): the causal columns, the other real columns j <= i, (B, R, T) each, and
+    the supervised rows (B, R), which have both. Padding may sit on either side."""
+    past = (torch.arange(adj.shape[-1], device=adj.device) <= rows[..., None]) \
+        & mask[:, None, :].bool()                               # (B, R, T) real tokens j <= i
+    causal = adj * past                                         # (B, R, T) A_ij, j <= i
+    other = past.to(adj.dtype) - causal                         # (B, R, T) 1 - A_ij, j <= i
+    if skip_first:
+        other[..., 0] = 0
+    return causal, other, (causal.sum(-1) > 0) & (other.sum(-1) > 0)
+
+
+def re_attention_loss(maps, adj, rows, mask, alpha, n_rows=None, skip_first=False):
     """`maps`: the L layers' attention at the supervised rows `rows` (B, R), each (B, H, R, T);
-    `adj`: those rows of the adjacency (B, R, T). `stats` (a dict) gets the mean C/N and the rows.
+    `adj`: those rows of the adjacency (B, R, T); `mask`: the attention mask (B, T). Returns
+    (L_attn, mean C/N), sums over the supervised rows divided by `n_rows`: the whole step's count,
+    so that micro-batches and ranks add up to the step's mean (default: this batch's count).
     `skip_first`, a variant: column 0, an attention sink, is left out of N_i."""
     # Ā = 1/(L·H) Σ_l Σ_h softmax(Q_lh K_lhᵀ / √d_k), summed in float32 (no stacked copy)
     avg = sum(a.mean(dim=1, dtype=torch.float32) for a in maps) / len(maps)   # (B, R, T)
-    past = (torch.arange(avg.shape[-1], device=avg.device) <= rows[..., None]).float()  # j <= i
-    causal = adj.to(avg.dtype) * past                           # (B, R, T) A_ij, j <= i
-    other = past - causal                                       # (B, R, T) 1 - A_ij, j <= i
-    if skip_first:
-        other[..., 0] = 0
-    n_causal, n_other = causal.sum(-1), other.sum(-1)           # (B, R)
-    supervised = (n_causal > 0) & (n_other > 0)                 # (B, R) rows the loss reads
+    causal, other, supervised = row_masks(adj.to(avg.dtype), rows, mask, skip_first)
     # C_i = Σ_{j<=i} Ā_ij A_ij / Σ_{j<=i} A_ij
-    C = (avg * causal).sum(-1) / n_causal.clamp(min=1)          # (B, R)
+    C = (avg * causal).sum(-1) / causal.sum(-1).clamp(min=1)   # (B, R)
     # N_i = Σ_{j<=i} Ā_ij (1 - A_ij) / Σ_{j<=i} (1 - A_ij)
-    N = (avg * other).sum(-1) / n_other.clamp(min=1)            # (B, R)
+    N = (avg * other).sum(-1) / other.sum(-1).clamp(min=1)     # (B, R)
     ratio = C / N.clamp(min=1e-12)                              # (B, R) finite: so are gradients
     # L_attn = Σ_i max(0, α - C_i / N_i). The paper writes a sum over rows; like the authors'
     # code, we take the mean over supervised rows, so the loss does not grow with the links.
     hinge = torch.where(supervised, (alpha - ratio).clamp(min=0), 0)  # (B, R)
-    n_rows = supervised.sum().clamp(min=1)
-    if stats is not None:
-        mean_ratio = torch.where(supervised, ratio, 0).sum() / n_rows
-        stats.update(ratio=mean_ratio.item(), rows=int(supervised.sum()))
-    return hinge.sum() / n_rows                                 # scalar
+    n = max(1, int(supervised.sum()) if n_rows is None else n_rows)
+    return hinge.sum() / n, torch.where(supervised, ratio, 0).sum().detach() / n
 
 
 def at_rows(maps, rows):
@@ -220,8 +226,16 @@ def lr_at(step, total, peak, warmup):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - W) / max(1, total - W)))
 
 
-def losses(model, examples, args, pad_id, device, amp):
-    """L_next and L_attn of a micro-batch of encoded examples, and its mean C/N."""
+def step_counts(examples, pad_id, skip_first):
+    """(answer tokens, supervised rows) of all the examples of one optimizer step: the
+    denominators of its L_next and L_attn, known before any forward pass."""
+    _, mask, labels, rows, adj = collate(examples, pad_id)
+    return int((labels[:, 1:] != -100).sum()), int(row_masks(adj, rows, mask, skip_first)[2].sum())
+
+
+def losses(model, examples, args, pad_id, device, amp, counts):
+    """L_next and L_attn of some of a step's examples, each a sum over them divided by the whole
+    step's `counts` (step_counts), and their share of the step's mean C/N."""
     ids, mask, labels, rows, adj = (x.to(device) for x in collate(examples, pad_id))
     keep = (labels[:, 1:] != -100).any(0).nonzero().flatten()  # (P,) positions before an answer
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -231,12 +245,13 @@ def losses(model, examples, args, pad_id, device, amp):
     layers = model.config.get_text_config().num_hidden_layers
     assert len(maps) == layers and all(a.requires_grad for a in maps), "need one attention map " \
         "per layer that requires grad: eager or rows attention, no reentrant checkpointing"
-    # L_next = -1/N Σ_t log P(x_{t+1} | x_<=t), over the N answer tokens
+    # L_next = -1/N Σ_t log P(x_{t+1} | x_<=t), over the N answer tokens of the step
     logits = out.logits.float().flatten(0, 1)                          # (B·P, vocab)
-    l_next = F.cross_entropy(logits, labels[:, keep + 1].flatten(), ignore_index=-100)
-    stats = {}
-    l_attn = re_attention_loss(maps, adj, rows, args.alpha, stats, args.skip_first)
-    return l_next, l_attn, stats["ratio"]
+    l_next = F.cross_entropy(logits, labels[:, keep + 1].flatten(), ignore_index=-100,
+                             reduction="sum") / max(1, counts[0])
+    l_attn, ratio = re_attention_loss(maps, adj, rows, mask, args.alpha, counts[1],
+                                      args.skip_first)
+    return l_next, l_attn, ratio.item()
 
 
 def train(model, data, args, pad_id, device, amp, checkpoint=None, fingerprint=None):
@@ -261,16 +276,21 @@ def train(model, data, args, pad_id, device, amp, checkpoint=None, fingerprint=N
             lr = lr_at(step, total, args.lr, args.warmup)
             for g in opt.param_groups:
                 g["lr"] = lr
-            logged = torch.zeros(3, dtype=torch.float64)  # the step's mean L_next, L_attn, C/N
+            # one step, one loss: means over all its answer tokens and supervised rows, however
+            # it is split into micro-batches and ranks (every rank counts the whole step itself)
+            counts = step_counts([data[i] for idx in group for i in idx], pad_id, args.skip_first)
+            logged = torch.zeros(3, dtype=torch.float64)  # the step's L_next, L_attn, C/N
             for idx in group:
-                mine, weight = my_share(idx)  # Part II, torchrun: this rank's slice; else idx, 1
+                mine = my_share(idx)  # Part II, torchrun: this rank's rows, maybe none; else idx
+                if not mine:
+                    continue
                 l_next, l_attn, ratio = losses(model, [data[i] for i in mine], args, pad_id,
-                                               device, amp)
-                # L = L_next + γ · L_attn (paper, Section 4.2), averaged over the micro-batches
+                                               device, amp, counts)
+                # L = L_next + γ · L_attn (paper, Section 4.2)
                 loss = l_next + gamma * l_attn
-                (weight * loss / len(group)).backward()
-                logged += weight * torch.tensor([l_next.item(), l_attn.item(), ratio]) / len(group)
-            average_over_ranks(trained.values(), logged)  # Part II, torchrun: gradients and log
+                loss.backward()  # gradients add up over the micro-batches: the step's mean
+                logged += torch.tensor([l_next.item(), l_attn.item(), ratio])
+            sum_over_ranks(trained.values(), logged)  # Part II, torchrun: gradients and log
             torch.nn.utils.clip_grad_norm_(trained.values(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -350,7 +370,8 @@ def evaluate(model, tokenizer, rows, args, device, amp, keep=24):
         predictions.update(zip(batch, texts))
     predictions = gather(predictions)  # Part II, torchrun: every rank's
     right = [is_correct(predictions[i], r["target"]) for i, r in enumerate(rows)]
-    result = {"accuracy": sum(right) / len(rows)}
+    result = {"accuracy": sum(right) / len(rows), "predictions": [predictions[i] for i in
+                                                                  range(len(rows))]}
     if isinstance(answer_of(str(rows[0]["target"]), rows[0]["target"]), str):  # labels, letters
         answers = Counter(str(answer_of(predictions[i], r["target"])) for i, r in enumerate(rows))
         result["answers"] = {a: round(n / len(rows), 5) for a, n in answers.most_common()}
@@ -426,13 +447,19 @@ def main(argv=None):
 # -----------------------------------------------------------------------------
 # the command line: every flag; those left unset take the model's DEFAULTS (resolve)
 
-# defaults that depend on the model: the paper's for pretrained models; for the built-in model,
-# what it needs to learn STG from scratch; for SmolLM2, chosen on validation rows (README).
-DEFAULTS = {"tiny": dict(alpha=2.0, gamma_decay=False, epochs=40, lr=1e-3, batch_size=32),
-            "pretrained": dict(alpha=0.2, gamma_decay=True, epochs=6, lr=5e-5, batch_size=8),
-            "pretrained+lora": dict(alpha=0.2, gamma_decay=True, epochs=6, lr=1e-4, batch_size=8),
-            "smollm2": dict(alpha=0.37, gamma_decay=True, epochs=3, lr=1e-4, batch_size=8),
-            "smollm2+lora": dict(alpha=0.37, gamma_decay=True, epochs=3, lr=1e-3, batch_size=8)}
+# defaults that depend on the model. Pretrained: the paper's recipe (Section 5.1: lr 5e-5, 1e-4
+# with LoRA, 6 epochs on STG, gamma = exp(-epoch)), with the authors' batch of 16 rows x 4
+# accumulated micro-batches, 64 a step (train_general.py in github.com/Kairong-Han/CAT) and
+# alpha 0.2. The built-in model: what it needs to learn STG from scratch. SmolLM2: chosen on
+# validation rows (README).
+DEFAULTS = {
+    "tiny": dict(alpha=2.0, gamma_decay=False, epochs=40, lr=1e-3, batch_size=32, grad_accum=1),
+    "pretrained": dict(alpha=0.2, gamma_decay=True, epochs=6, lr=5e-5, batch_size=16, grad_accum=4),
+    "pretrained+lora": dict(alpha=0.2, gamma_decay=True, epochs=6, lr=1e-4, batch_size=16,
+                            grad_accum=4),
+    "smollm2": dict(alpha=0.37, gamma_decay=True, epochs=3, lr=1e-4, batch_size=8, grad_accum=1),
+    "smollm2+lora": dict(alpha=0.37, gamma_decay=True, epochs=3, lr=1e-3, batch_size=8,
+                         grad_accum=1)}
 parser = argparse.ArgumentParser(
     description="Causal Attention Tuning: fine-tune with the Re-Attention loss, then test.",
     epilog="Flags left unset take the model's DEFAULTS: " + "; ".join(
@@ -483,7 +510,9 @@ parser.add_argument("--epochs", type=int, default=None, help="passes over the tr
 parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
 parser.add_argument("--batch-size", type=int, default=None, help="rows per micro-batch; under "
                     "torchrun, all ranks together, each rank taking its slice")
-parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+parser.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer "
+                    "step; a step's L_next is the mean over all its answer tokens, its L_attn over "
+                    "all its supervised rows, however it is split into micro-batches and ranks")
 parser.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps spent in "
                     "linear warm-up, then cosine decay to 0")
 parser.add_argument("--seed", type=int, default=42, help="seed of the initialisation and the "
@@ -656,9 +685,9 @@ def start_ratio(model, data, args, pad_id, device, amp, n=64):
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             _, maps = forward(model, args, positions, input_ids=ids, attention_mask=mask,
                               logits_to_keep=1)
-        stats = {}
-        re_attention_loss(maps, adj, positions, 0.0, stats, args.skip_first)
-        total, rows = total + stats["ratio"] * stats["rows"], rows + stats["rows"]
+        k = int(row_masks(adj, positions, mask, args.skip_first)[2].sum())  # supervised rows
+        ratio = re_attention_loss(maps, adj, positions, mask, 0.0, k, args.skip_first)[1]
+        total, rows = total + ratio.item() * k, rows + k
     model.train()
     return total / max(1, rows)
 
@@ -744,7 +773,7 @@ def load_adapter(folder, dtype, attn, lora):
 
 # -----------------------------------------------------------------------------
 # torchrun: one process per GPU. Each rank takes its slice of every micro-batch (my_share) and
-# the gradients are averaged (average_over_ranks); every rank builds the same model from the
+# the gradients are summed (sum_over_ranks); every rank builds the same model from the
 # same seed, so no weights are sent. Evaluation splits the rows (my_rows) and gathers.
 
 
@@ -772,23 +801,22 @@ def wait_for_main():
 
 
 def my_share(idx):
-    """This rank's slice of a micro-batch's rows, and its weight: world x its share of the rows,
-    so that the mean of the ranks' gradients is the whole micro-batch's. A rank left without rows
-    runs one with weight 0. In one process: all rows, weight 1."""
+    """This rank's rows of a micro-batch: every world-th one (a rank may get none)."""
     rank, world = rank_and_world()
-    mine = idx[rank::world]
-    return mine or idx[:1], world * len(mine) / len(idx)
+    return idx[rank::world]
 
 
-def average_over_ranks(params, logged):
-    """The mean over ranks of every gradient, and of the logged values, in place."""
+def sum_over_ranks(params, logged):
+    """The sum over ranks of every gradient, and of the logged values, in place: each rank's
+    losses are its shares of the step's means, so the sums are the step's."""
     if not dist.is_initialized():
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    synced = logged.to(grads[0].device)
-    for t in grads + [synced]:
-        dist.all_reduce(t)  # a sum: gloo has no mean
-        t /= dist.get_world_size()
+    for p in params:
+        if p.grad is None:  # a rank without rows in this step
+            p.grad = torch.zeros_like(p)
+    synced = logged.to(next(iter(params)).device)
+    for t in [p.grad for p in params] + [synced]:
+        dist.all_reduce(t)
     logged.copy_(synced.cpu())
 
 

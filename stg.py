@@ -134,24 +134,36 @@ def stg_h_example(rng, ood=False):
 # baselines: what answers that never read a cause score
 
 
+def spurious_values(row):
+    """x = (1, the spurious values...) of a row with `factors`, the inputs of a shortcut."""
+    values = [re.search(r": (-?[\d.]+)", s).group(1) for s in row["factors"]["spurious"]]
+    return [1.0] + [float(v) for v in values]
+
+
+def shortcut(row):
+    """STG_E's label read off the spurious copies: the label rule with Yellow fingers / 1.5,
+    Clothing size and 2 x Hormones put for Smoking, Weight and Exercise, x·(0, 8, 7, -20) >= 72.
+
+    >>> shortcut(stg_e_example(random.Random(0))) == stg_e_example(random.Random(0))["target"]
+    True
+    """
+    x = spurious_values(row)
+    return "High Risk" if 8 * x[1] + 7 * x[2] - 20 * x[3] >= 72 else "Low Risk"
+
+
 def baselines(train_rows, rows):
     """Accuracy on `rows` (with `factors`) of `majority`, always the most common training target,
-    and of `shortcut`, the answer read off the spurious values x = (1, spurious...). STG_E: the
-    label rule with Yellow fingers / 1.5, Clothing size and 2 x Hormones put for Smoking, Weight
-    and Exercise, x·(0, 8, 7, -20) >= 72. STG_H: x·w rounded, w fitted to the training rows by
-    least squares; for both, also the mean absolute error (`*_mae`)."""
+    and of `shortcut`, the answer read off the spurious values x = (1, spurious...): STG_E's
+    `shortcut`; for STG_H, x·w rounded, w fitted to the training rows by least squares, with the
+    mean absolute error of both (`*_mae`)."""
     top = Counter(r["target"] for r in train_rows).most_common(1)[0][0]
-    x = lambda r: [1.0] + [float(re.search(r": (-?[\d.]+)", s).group(1))
-                           for s in r["factors"]["spurious"]]
-    dot = lambda w, v: sum(a * b for a, b in zip(w, v))
-    if isinstance(top, str):
-        guess = lambda r: "High Risk" if dot((0, 8, 7, -20), x(r)) >= 72 else "Low Risk"
-    else:
+    guess = shortcut
+    if not isinstance(top, str):
         import torch  # here alone: the rest of stg.py needs only the standard library
-        X, y = torch.tensor([x(r) for r in train_rows], dtype=torch.float64), \
-            torch.tensor([[float(r["target"])] for r in train_rows], dtype=torch.float64)
+        X = torch.tensor([spurious_values(r) for r in train_rows], dtype=torch.float64)
+        y = torch.tensor([[float(r["target"])] for r in train_rows], dtype=torch.float64)
         w = torch.linalg.lstsq(X, y).solution.flatten().tolist()  # argmin_w Σ (x·w - y)²
-        guess = lambda r: min(100, max(0, round(dot(w, x(r)))))
+        guess = lambda r: min(100, max(0, round(sum(a * b for a, b in zip(w, spurious_values(r))))))
     result = {"majority_answer": top, "majority": fmean(r["target"] == top for r in rows),
               "shortcut": fmean(guess(r) == r["target"] for r in rows)}
     if not isinstance(top, str):
