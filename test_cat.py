@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import types
 import unittest.mock
 from collections import Counter
 from fractions import Fraction
@@ -296,6 +297,27 @@ def test_loss_worked_example():
     assert cat.re_attention_loss((att,), adj, rows, mask, 2.0, n_rows=5)[0].item() == pytest.approx(2.5 / 5)
 
 
+def test_the_readmes_worked_example():
+    """README, The method: one short STG row taken through its tokens, adjacency, C_i, N_i and L_attn."""
+    row = {"input": "Smoking: 8, Weight: 4 Answer: ", "target": "High Risk",
+           "important": [{"High Risk": ["Smoking: 8"]}]}
+    tok = cat.train_tokenizer([row["input"] + row["target"]])
+    e, counts = cat.encode(tok, row, 64)
+    assert tok.convert_ids_to_tokens(e["ids"].tolist()) == [
+        "<s>", "Smoking", ":", "▁8", ",", "▁Weight", ":", "▁4", "▁Answer", ":", "▁High", "▁Risk", "</s>"]
+    assert e["labels"].ne(-100).nonzero().flatten().tolist() == [10, 11, 12]  # the answer and eos
+    # 'High Risk' is tokens 10-11, so rows 9-10 (row i predicts token i+1); 'Smoking: 8' is tokens 1-3
+    assert e["adj"].tolist() == [[9, 1], [9, 2], [9, 3], [10, 1], [10, 2], [10, 3]] and counts["found"] == 1
+    _, mask, _, rows, adj = cat.collate([e], tok.pad_token_id)
+    assert rows.tolist() == [[9, 10]]
+    att = torch.zeros(1, 1, 2, 13)  # one layer, one head, rows 9 and 10
+    att[0, 0, 0, :10] = 0.1         # row 9, uniform over its 10 columns: C = 0.1, N = 0.1, C/N = 1
+    att[0, 0, 1, :11] = 0.05        # row 10, 0.2 on each cause token and 0.05 on the 8 others:
+    att[0, 0, 1, 1:4] = 0.2         # C = 0.2, N = 0.05, C/N = 4
+    loss, ratio = cat.re_attention_loss((att,), adj, rows, mask, 2.0)
+    assert (loss.item(), ratio.item()) == pytest.approx(((1.0 + 0.0) / 2, (1.0 + 4.0) / 2))  # α = 2
+
+
 def test_loss_is_zero_not_nan_without_supervised_rows():
     for adj in [torch.zeros(2, 5, 5), torch.ones(2, 5, 5).tril()]:  # no causal column / no other column
         logits, maps = random_maps(2, 2, 2, 5)
@@ -397,7 +419,20 @@ def test_read_rows_names_file_line_and_field(tmp_path):
     assert rows[2]["important"] == [{"c": ["a"]}]  # a cause given as one string, as in a few of the authors' rows
 
 
-def test_padding_does_not_change_a_samples_losses(stg_rows):
+def left_padded(batch):
+    """A right-padded batch from collate, its padding moved to the left, with the position ids that keep each real
+    token's position."""
+    ids, mask, labels, rows, adj = (x.clone() for x in batch)
+    for b, n in enumerate(mask.sum(1).tolist()):
+        shift = mask.shape[1] - n
+        ids[b], mask[b], labels[b], adj[b] = (x[b].roll(shift, -1) for x in (ids, mask, labels, adj))
+        rows[b] += shift
+    return ids, mask, labels, rows, adj, (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def test_padding_on_either_side_does_not_change_a_samples_losses(stg_rows):
+    """A sample's L_next and L_attn are the same alone, right-padded in a batch and left-padded in a batch: the loss
+    counts only real tokens as the other columns j <= i."""
     args = tiny_args("--train", "unused")
     model, tok = cat.load_model(args, stg_rows, torch.device("cpu"), None)
     model.eval()
@@ -407,16 +442,49 @@ def test_padding_does_not_change_a_samples_losses(stg_rows):
     b, _ = cat.encode(tok, stg_rows[1], 256)
     assert len(a["ids"]) < len(b["ids"])
 
-    def losses(examples):
-        ids, mask, labels, rows, adj = cat.collate(examples, tok.pad_token_id)
+    def losses(ids, mask, labels, rows, adj, positions=None):
         adj[1:] = 0  # supervise only the first sample
-        out, maps = cat.forward(model, args, rows, input_ids=ids, attention_mask=mask)
+        out, maps = cat.forward(model, args, rows, input_ids=ids, attention_mask=mask, position_ids=positions)
         nll = torch.nn.functional.cross_entropy(out.logits[0, :-1], labels[0, 1:], ignore_index=-100)
         return nll, cat.re_attention_loss(maps, adj, rows, mask, 5.0)[0]
 
-    alone, batched = losses([a]), losses([a, b])
+    alone, right = losses(*cat.collate([a], tok.pad_token_id)), losses(*cat.collate([a, b], tok.pad_token_id))
+    left = losses(*left_padded(cat.collate([a, b], tok.pad_token_id)))
     assert alone[1] > 0
-    assert torch.allclose(alone[0], batched[0], atol=1e-5) and torch.allclose(alone[1], batched[1], atol=1e-5)
+    for got in (right, left):
+        assert torch.allclose(alone[0], got[0], atol=1e-5) and torch.allclose(alone[1], got[1], atol=1e-5)
+    # what the loss would be if the padding counted among the other columns: another number
+    ids, mask, labels, rows, adj, positions = left_padded(cat.collate([a, b], tok.pad_token_id))
+    adj[1:] = 0
+    maps = cat.forward(model, args, rows, input_ids=ids, attention_mask=mask, position_ids=positions)[1]
+    assert cat.re_attention_loss(maps, adj, rows, torch.ones_like(mask), 5.0)[0] < alone[1] - 0.5
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_answer_row_looks_the_same_under_left_and_right_padding(stg_rows, tiny_tokenizer, family):
+    """The answer row's attention and gradient x input, for rotary (the built-in Llama) and absolute positions (GPT-2):
+    the same left-padded, right-padded and alone."""
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), **cat.TINY) if family == "llama" else \
+        GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=256)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    prefix = "Here is the statistical data for a person. Please predict the probability of cancer. "
+    rows = [dict(r, input=r["input"].replace(prefix, " ".join(prefix.split()[k:]) + " ")) for k, r in
+            enumerate(stg_rows[:4])]  # prompts of four lengths
+    args, cpu = argparse.Namespace(attn="eager"), torch.device("cpu")
+    with torch.no_grad():  # as evaluate calls it
+        looks = {side: cat.answer_row_looks(model, tiny_tokenizer, rows, range(4), args, cpu, None, side)
+                 for side in ("left", "right")}
+        alone = {i: cat.answer_row_looks(model, tiny_tokenizer, rows, [i], args, cpu, None)[i] for i in range(4)}
+    for i, alone in alone.items():
+        assert len(alone["tokens"]) == len(tiny_tokenizer(rows[i]["input"].rstrip())["input_ids"])
+        for side in ("left", "right"):
+            got = looks[side][i]
+            assert (got["tokens"], got["kinds"]) == (alone["tokens"], alone["kinds"])
+            for key in ("attention", "gradxinput"):
+                assert torch.allclose(got[key], alone[key], atol=1e-5), (side, key)
+    assert len({len(looks["left"][i]["tokens"]) for i in range(4)}) == 4
 
 
 def mean_ratio(model, data, pad_id):
@@ -456,7 +524,6 @@ def test_attention_maps_must_require_grad(stg_rows):
 
 def test_lora_changes_only_adapter_weights(stg_rows):
     args = tiny_args("--lora", "--epochs", "2", "--batch-size", "8", "--lr", "1e-2")
-    assert {"q_proj", "k_proj"} <= set(args.lora_targets.split(","))
     model, tok = cat.load_model(args, stg_rows, torch.device("cpu"), None)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = [cat.encode(tok, r, 256)[0] for r in stg_rows[:16]]
@@ -500,7 +567,7 @@ def check_report(folder, compare=None):
     metrics, shown = json.loads((folder / "metrics.json").read_text()), json.loads((folder / "attention.json").read_text())
     page = Page(text)
     tags = {t for t, _ in page.tags}
-    assert "html" in tags and "table" in tags and not tags & {"script", "link", "img", "iframe", "object"}
+    assert {"table", "svg", "span"} <= tags and not tags & {"script", "link", "img", "iframe", "object"}
     assert not re.search(r"https?:|url\(|@import|src=", text)
     curves = [a["points"].split() for t, a in page.tags if t == "polyline"]
     assert len(curves) == 3 and all(len(c) == len(metrics["log"]) for c in curves)
@@ -564,7 +631,7 @@ def test_cat_end_to_end_writes_metrics_report_and_reloads(tmp_path):
 GOOD_ROW = json.dumps({"input": "Smoking: 8 Answer: ", "target": "High Risk",
                        "important": [{"High Risk": ["Smoking: 8"]}]})
 GOOD = GOOD_ROW.encode()
-# what people feed cat.py: (the training file's bytes, flags) -> what its one error line must say
+# what people feed cat.py: (the training file's bytes, flags) -> what its error says
 CAT_CATALOGUE = {
     "binary file": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", [], "train.jsonl:1: not UTF-8 text (byte 0x89"),
     "latin-1 line": ((GOOD_ROW + "\n" + GOOD_ROW.replace("Smoking", "Fumée")).encode("latin-1"), [],
@@ -577,33 +644,36 @@ CAT_CATALOGUE = {
     "no important": (b'{"input": "a", "target": "b"}\n', [], "train.jsonl:1: missing field 'important'"),
     "null target": (b'{"input": "a", "target": null, "important": []}\n', [], "train.jsonl:1: field 'target' must"),
     "boolean target": (b'{"input": "a", "target": true, "important": []}\n', [], "train.jsonl:1: field 'target'"),
-    "important a dict": (b'{"input": "a", "target": "b", "important": {"b": "a"}}\n', [], "train.jsonl:1: field "
-                         "'important' must be a list"),
+    "important a dict": (b'{"input": "a", "target": "b", "important": {"b": "a"}}\n', [],
+                         "train.jsonl:1: field 'important' must be a list"),
     "factors a string": (b'{"input": "a", "target": "b", "important": [], "factors": "x"}\n', [],
                          "train.jsonl:1: field 'factors' must be"),
     "train is a folder": (None, ["--train", "."], "Is a directory: '.'"),
     "no test file": (GOOD, ["--test", "no.jsonl"], "No such file or directory: 'no.jsonl'"),
     "empty test file": (GOOD, ["--test", "empty.jsonl"], "empty.jsonl: 0 rows, nothing to test"),
     "val takes every row": (GOOD, ["--val", "1"], "train.jsonl: 1 rows, not enough to train (--val 1)"),
-    "--epochs 0": (GOOD, ["--epochs", "0"], "--epochs 0: needs at least 1"),
-    "--lr -1": (GOOD, ["--lr", "-1"], "--lr -1.0: needs a positive number"),
-    "--lr nan": (GOOD, ["--lr", "nan"], "--lr nan: needs a positive number"),
-    "--grad-accum 0": (GOOD, ["--grad-accum", "0"], "--grad-accum 0: needs at least 1"),
-    "--eval-batch-size 0": (GOOD, ["--eval-batch-size", "0"], "--eval-batch-size 0: needs at least 1"),
-    "--batch-size 0": (GOOD, ["--batch-size", "0"], "--batch-size 0: needs at least 1"),
-    "--max-length 0": (GOOD, ["--max-length", "0"], "--max-length 0: needs at least 1 token"),
-    "--max-new-tokens 0": (GOOD, ["--max-new-tokens", "0"], "--max-new-tokens 0: needs at least 1"),
-    "--alpha -1": (GOOD, ["--alpha", "-1"], "--alpha -1.0: needs 0 (vanilla) or more"),
-    "--alpha-scale -2": (GOOD, ["--alpha-scale", "-2"], "--alpha-scale -2.0: needs 0 or more"),
+    "--epochs 0": (GOOD, ["--epochs", "0"], "argument --epochs: needs at least 1, not 0"),
+    "--epochs x": (GOOD, ["--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
+    "--lr -1": (GOOD, ["--lr", "-1"], "argument --lr: needs a positive number, not -1"),
+    "--lr nan": (GOOD, ["--lr", "nan"], "argument --lr: needs a positive number, not nan"),
+    "--grad-accum 0": (GOOD, ["--grad-accum", "0"], "argument --grad-accum: needs at least 1, not 0"),
+    "--eval-batch-size 0": (GOOD, ["--eval-batch-size", "0"], "argument --eval-batch-size: needs at least 1"),
+    "--batch-size 0": (GOOD, ["--batch-size", "0"], "argument --batch-size: needs at least 1, not 0"),
+    "--max-length 0": (GOOD, ["--max-length", "0"], "argument --max-length: needs at least 1, not 0"),
+    "--max-new-tokens 0": (GOOD, ["--max-new-tokens", "0"], "argument --max-new-tokens: needs at least 1"),
+    "--alpha -1": (GOOD, ["--alpha", "-1"], "argument --alpha: needs 0 or more, not -1"),
+    "--alpha inf": (GOOD, ["--alpha", "inf"], "argument --alpha: needs 0 or more, not inf"),
+    "--alpha-scale -2": (GOOD, ["--alpha-scale", "-2"], "argument --alpha-scale: needs 0 or more, not -2"),
     "--alpha and --alpha-scale": (GOOD, ["--alpha", "1", "--alpha-scale", "2"],
-                                  "--alpha and --alpha-scale: give one of them"),
-    "--warmup 1.5": (GOOD, ["--warmup", "1.5"], "--warmup 1.5: needs a fraction from 0 to 1"),
-    "--val -1": (GOOD, ["--val", "-1"], "--val -1: needs 0 or more rows"),
-    "--lora-r 0": (GOOD, ["--lora", "--lora-r", "0"], "--lora-r 0: needs at least 1"),
-    "--lora-dropout 1": (GOOD, ["--lora-dropout", "1"], "--lora-dropout 1.0: needs a probability"),
-    "--lora-targets q_proj,": (GOOD, ["--lora-targets", "q_proj,"], "--lora-targets q_proj,: needs comma-separated"),
-    "--analysis-rows -1": (GOOD, ["--analysis-rows", "-1"], "--analysis-rows -1: needs 0 (all rows) or more"),
-    "--log-every -1": (GOOD, ["--log-every", "-1"], "--log-every -1: needs 0 (no log lines) or more"),
+                                  "argument --alpha-scale: not allowed with argument --alpha"),
+    "--warmup 1.5": (GOOD, ["--warmup", "1.5"], "argument --warmup: needs 0 to 1, not 1.5"),
+    "--val -1": (GOOD, ["--val", "-1"], "argument --val: needs 0 or more, not -1"),
+    "--lora-r 0": (GOOD, ["--lora", "--lora-r", "0"], "argument --lora-r: needs at least 1, not 0"),
+    "--lora-dropout 1": (GOOD, ["--lora-dropout", "1"], "argument --lora-dropout: needs 0 to below 1, not 1"),
+    "--lora-targets q_proj,": (GOOD, ["--lora-targets", "q_proj,"], "argument --lora-targets: needs module names"),
+    "--analysis-rows -1": (GOOD, ["--analysis-rows", "-1"], "argument --analysis-rows: needs 0 or more, not -1"),
+    "--log-every -1": (GOOD, ["--log-every", "-1"], "argument --log-every: needs 0 or more, not -1"),
+    "--attn flash": (GOOD, ["--attn", "flash"], "argument --attn: invalid choice: 'flash'"),
     "--device banana": (GOOD, ["--device", "banana"], "--device banana: not a torch device"),
     "--device cuda, none here": (GOOD, ["--device", "cuda"], "--device cuda: there is no cuda device here"),
     "--model missing.gguf": (GOOD, ["--model", "missing.gguf"], "--model missing.gguf: no such GGUF file"),
@@ -613,10 +683,22 @@ CAT_CATALOGUE = {
 }
 
 
+def cat_error(argv, capsys):
+    """(exit status, stderr) of `python cat.py ARGV` that fails before training, run in-process: argparse's usage and
+    error lines for a bad flag, or the one line __main__ prints for bad input."""
+    try:
+        cat.main(argv)
+    except SystemExit as e:
+        return e.code, capsys.readouterr().err
+    except (cat.BadInput, OSError) as e:
+        return 2, f"cat.py: error: {e}\n"
+    pytest.fail("no error")
+
+
 @pytest.mark.parametrize("case", CAT_CATALOGUE)
-def test_cat_bad_flags_and_files_are_one_line_before_any_model(tmp_path, case, monkeypatch):
-    """Every catalogued mistake is found before a model loads, in one line naming the file and line, or the flag
-    and the value it needs (which __main__ prints, exit 2)."""
+def test_cat_bad_flags_and_files_are_named_before_any_model(tmp_path, case, monkeypatch, capsys):
+    """Every catalogued mistake is found before a model loads: exit status 2, at most two lines (argparse's usage and
+    error), naming the flag and what it needs, or the file, line and field."""
     content, flags, want = CAT_CATALOGUE[case]
     if case == "--device cuda, none here" and torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
@@ -625,9 +707,8 @@ def test_cat_bad_flags_and_files_are_one_line_before_any_model(tmp_path, case, m
     (tmp_path / "empty.jsonl").write_text("")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cat, "load_model", lambda *a: pytest.fail("a model was built before the input was checked"))
-    with pytest.raises((cat.BadInput, OSError)) as e:
-        cat.main(["--train", "train.jsonl", "--test", "", "--ood", "", *flags])
-    assert want in str(e.value) and "\n" not in str(e.value)
+    status, err = cat_error(["--train", "train.jsonl", "--test", "", "--ood", "", *flags], capsys)
+    assert status == 2 and want in err.splitlines()[-1] and len(err.splitlines()) <= 2, err
 
 
 def test_cat_reads_a_bom_crlf_and_blank_lines(tmp_path):
@@ -637,15 +718,17 @@ def test_cat_reads_a_bom_crlf_and_blank_lines(tmp_path):
     assert cat.read_rows(str(tmp_path / "t.jsonl"), need_important=True) == rows
 
 
-def test_cat_errors_are_one_line_exit_2_and_nothing_before(tmp_path):
+def test_cat_errors_exit_2_in_at_most_two_lines_and_nothing_before(tmp_path):
     (tmp_path / "bin.jsonl").write_bytes(b"\x00\xff\xfe binary")
-    for flags, line in [(["--train", "no.jsonl"], "[Errno 2] No such file or directory: 'no.jsonl'"),
-                        (["--train", "bin.jsonl"], "bin.jsonl:1: not UTF-8 text (byte 0xff at column 2); is it a "
-                                                   "JSONL file?"),
-                        (["--epochs", "0"], "--epochs 0: needs at least 1"),
-                        (["--model", "missing.gguf"], "--model missing.gguf: no such GGUF file")]:
+    usage = "usage: cat.py [flags] (cat.py --help lists them)"
+    for flags, lines in [(["--train", "no.jsonl"], ["[Errno 2] No such file or directory: 'no.jsonl'"]),
+                         (["--train", "bin.jsonl"], ["bin.jsonl:1: not UTF-8 text (byte 0xff at column 2); is it a "
+                                                     "JSONL file?"]),
+                         (["--epochs", "0"], [usage, "argument --epochs: needs at least 1, not 0"]),
+                         (["--model", "missing.gguf"], ["--model missing.gguf: no such GGUF file"])]:
         r = run_cat(*flags, cwd=tmp_path)
-        assert (r.returncode, r.stdout, r.stderr.splitlines()) == (2, "", [f"cat.py: error: {line}"])
+        want = lines[:-1] + [f"cat.py: error: {lines[-1]}"]
+        assert (r.returncode, r.stdout, r.stderr.splitlines()) == (2, "", want)
 
 
 def test_cat_unloadable_model_gives_the_loaders_reason(tmp_path):
@@ -1031,6 +1114,8 @@ class Endpoint:
             return 429, '{"error": {"message": "slow down"}}', {"retry-after-ms": "300"}
         if (kind == "err500" and attempt <= 2) or kind == "always500":
             return 500, f'{{"error": {{"message": "overloaded, your key {auth}"}}}}', {}
+        if kind == "busy" and attempt <= 3:
+            return 503, '{"error": {"message": "busy"}}', {}
         if kind == "slow" and attempt == 1:
             time.sleep(1.5)
         if kind == "bad400":
@@ -1292,12 +1377,26 @@ def test_parse_links_reads_a_lone_cause_string():
     assert annotate.parse_links('{"Answer: 7": "has 7"}', "Tom has 7. Answer: 7") == ([{"Answer: 7": ["has 7"]}], 0)
 
 
+def test_annotate_retries_through_the_adapter(tmp_path, endpoint):
+    """A 429 with Retry-After: 1 is retried after about a second; a 503 three times, after --backoff seconds doubled
+    each time (+-50%); then both rows are annotated, every attempt counted."""
+    stg.write_jsonl(tmp_path / "raw.jsonl", raw_rows(["rate", "busy"]))
+    server = endpoint()
+    tally = annotate.main(annotate_args(tmp_path, server.url, "--retries", "4", "--backoff", "0.2", "--workers", "2"))
+    assert tally["ok"] == 2 and tally["requests"] == len(server.log) == 2 + 4
+    times = {k: [t for t, text, *_ in server.log if f" {k}:" in text] for k in ("rate", "busy")}
+    assert 0.95 <= times["rate"][1] - times["rate"][0] < 1.5
+    gaps = [b - a for a, b in zip(times["busy"], times["busy"][1:])]
+    assert len(gaps) == 3 and all(0.5 * 0.2 * 2 ** k <= g < 1.5 * 0.2 * 2 ** k + 0.3 for k, g in enumerate(gaps)), gaps
+
+
 def test_retry_after_forms():
-    assert annotate.retry_after({"Retry-After": "7"}) == 7.0
-    assert annotate.retry_after({"retry-after-ms": "250", "Retry-After": "7"}) == 0.25
-    soon = email.utils.formatdate(time.time() + 30, usegmt=True)
-    assert 27 <= annotate.retry_after({"Retry-After": soon}) <= 31
-    assert annotate.retry_after({}) is None
+    wait = lambda headers: annotate.Backoff().get_retry_after(types.SimpleNamespace(headers=headers))
+    assert wait({"Retry-After": "7"}) == 7.0
+    assert wait({"retry-after-ms": "250", "Retry-After": "7"}) == 0.25
+    assert 27 <= wait({"Retry-After": email.utils.formatdate(time.time() + 30, usegmt=True)}) <= 31
+    assert wait({"Retry-After": "86400"}) == 300.0  # never more than 300 s
+    assert wait({}) is None
 
 # -----------------------------------------------------------------------------
 # benchmarks: skipped unless named, `python -m pytest -s -k bench_NAME test_cat.py`. Each prints its figures, its
