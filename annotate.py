@@ -159,16 +159,21 @@ class Backoff(Retry):
 
 
 class Client:
-    """The endpoint, through one HTTP session per worker thread, whose adapter retries timeouts,
-    broken connections, 408, 409, 429 and 5xx (Backoff). `tally` counts every request and the
-    tokens of every reply, retries and re-asks included. After a Fatal answer, no request starts."""
+    """The endpoint, through an HTTP session whose adapter retries timeouts, broken connections,
+    408, 409, 429 and 5xx (Backoff). `tally` counts every request and the tokens of every reply,
+    retries and re-asks included. After a Fatal answer, no request starts."""
 
     def __init__(self, args, secret):
         self.args, self.url = args, args.base_url.rstrip("/") + "/chat/completions"
-        self.local, self.lock, self.tally, self.stopped = threading.local(), threading.Lock(), \
-            Counter(), None
+        self.lock, self.tally, self.stopped = threading.Lock(), Counter(), None
         self.scrub = lambda text: text.replace(secret, "***") if secret else text  # the API key
-        self.headers = {"Authorization": f"Bearer {secret}"} if secret else {}  # local: no key
+        retry = Backoff(total=args.retries - 1, connect=0, allowed_methods=None,
+                        status_forcelist=[408, 409, 429, *range(500, 600)],
+                        backoff_factor=args.backoff, raise_on_status=False)
+        self.session = requests.Session()  # its connection pool serves every worker thread
+        self.session.mount(self.url, HTTPAdapter(max_retries=retry, pool_maxsize=args.workers))
+        if secret:  # local servers need no key
+            self.session.headers["Authorization"] = f"Bearer {secret}"
 
     def count(self, **counts):
         with self.lock:
@@ -182,20 +187,13 @@ class Client:
         """The text of one chat completion, and whether --max-tokens cut it off."""
         if self.stopped:
             raise self.stopped
-        if not hasattr(self.local, "session"):
-            retry = Backoff(total=self.args.retries - 1, connect=0, allowed_methods=None,
-                            status_forcelist=[408, 409, 429, *range(500, 600)],
-                            backoff_factor=self.args.backoff, raise_on_status=False)
-            self.local.session = requests.Session()
-            self.local.session.mount(self.url, HTTPAdapter(max_retries=retry))
         body = {"model": self.args.model, "temperature": temperature,
                 "max_tokens": self.args.max_tokens,
                 "messages": [{"role": "user", "content": prompt}]}
         if self.args.json_mode:
             body["response_format"] = {"type": "json_object"}
         try:
-            r = self.local.session.post(self.url, json=body, headers=self.headers,
-                                        timeout=self.args.timeout)
+            r = self.session.post(self.url, json=body, timeout=self.args.timeout)
         except requests.ConnectionError as e:  # could not connect, or every attempt failed
             reason = getattr(e.args[0], "reason", e) if e.args else e
             if isinstance(reason, NewConnectionError):  # refused, or no such host: no row can work
@@ -222,22 +220,16 @@ class Client:
 
 
 def parse_links(reply, text):
-    """(important, links dropped) from a reply, a JSON object of lists of strings, bare or in a
-    code fence or prose. Links cat.py could not use (`linkable`) are dropped, each pair once.
+    """(important, links dropped) from a reply: the JSON object in it (bare, or in a code fence or
+    prose), of lists of strings. Links cat.py could not use (`linkable`) are dropped, each once.
 
     >>> parse_links('Sure:\\n```json\\n{"12": ["7 red", "9 blue"]}\\n```', "7 red or 5 blue? 12")
     ([{'12': ['7 red']}], 1)
     """
-    fenced = re.search(r"```(?:json)?\s*(.*?)```", reply, re.S)
-    for candidate in filter(None, [reply, fenced and fenced.group(1),
-                                   reply[reply.find("{"):reply.rfind("}") + 1]]):
-        try:
-            links = as_links(json.loads(candidate))
-            break
-        except json.JSONDecodeError:
-            pass
-    else:
-        raise RowFailed(f"reply is not JSON: {reply[:200]!r}")
+    try:
+        links = as_links(json.loads(reply[reply.find("{"):reply.rfind("}") + 1]))
+    except json.JSONDecodeError:
+        raise RowFailed(f"reply is not JSON: {reply[:200]!r}") from None
     if links is None:
         raise RowFailed(f"reply is not an object of lists of strings: {reply[:200]!r}")
     important, dropped = [], 0
