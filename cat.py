@@ -413,6 +413,7 @@ natural = needs(int, lambda v: v >= 0, "0 or more")
 margin = needs(float, lambda v: 0 <= v < math.inf, "0 or more")
 parser = argparse.ArgumentParser(
     prog="cat.py", usage="cat.py [flags] (cat.py --help lists them)",
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,  # None: the model's DEFAULTS
     description="Causal Attention Tuning: fine-tune with the Re-Attention loss, then test.",
     epilog="Flags left unset take the model's DEFAULTS: " + "; ".join(
         f"{model}, " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in d.items())
