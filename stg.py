@@ -23,6 +23,7 @@ import os
 import random
 import re
 from collections import Counter
+from fractions import Fraction
 from statistics import fmean
 
 # -----------------------------------------------------------------------------
@@ -132,44 +133,35 @@ def stg_h_example(rng, ood=False):
 
 # -----------------------------------------------------------------------------
 # baselines: what answers that never read a cause score
-
-
 def spurious_values(row):
-    """x = (1, the spurious values...) of a row with `factors`, the inputs of a shortcut."""
-    values = [re.search(r": (-?[\d.]+)", s).group(1) for s in row["factors"]["spurious"]]
-    return [1.0] + [float(v) for v in values]
+    """x = (1, the spurious values...) of a row with `factors`: what a shortcut reads."""
+    return [1.0] + [float(re.search(r": (-?[\d.]+)", s).group(1))
+                    for s in row["factors"]["spurious"]]
 
 
 def shortcut(row):
-    """STG_E's label read off the spurious copies: the label rule with Yellow fingers / 1.5,
-    Clothing size and 2 x Hormones put for Smoking, Weight and Exercise, x·(0, 8, 7, -20) >= 72.
-
-    >>> shortcut(stg_e_example(random.Random(0))) == stg_e_example(random.Random(0))["target"]
-    True
-    """
-    x = spurious_values(row)
-    return "High Risk" if 8 * x[1] + 7 * x[2] - 20 * x[3] >= 72 else "Low Risk"
+    """STG_E's label with the spurious copies put for their causes, exactly: Yellow fingers / 1.5
+    for Smoking, Clothing size for Weight, 2 x Hormones for Exercise."""
+    _, yellow, clothing, hormones = map(Fraction, spurious_values(row))
+    return stg_e_label(yellow * 2 / 3, clothing, 2 * hormones)
 
 
 def baselines(train_rows, rows):
     """Accuracy on `rows` (with `factors`) of `majority`, always the most common training target,
-    and of `shortcut`, the answer read off the spurious values x = (1, spurious...): STG_E's
-    `shortcut`; for STG_H, x·w rounded, w fitted to the training rows by least squares, with the
-    mean absolute error of both (`*_mae`)."""
+    and of `shortcut`, the answer read off the spurious values: STG_E's `shortcut`; for STG_H,
+    x·w rounded, w fitted to the training rows by least squares, and both mean absolute errors."""
     top = Counter(r["target"] for r in train_rows).most_common(1)[0][0]
-    guess = shortcut
-    if not isinstance(top, str):
-        import torch  # here alone: the rest of stg.py needs only the standard library
-        X = torch.tensor([spurious_values(r) for r in train_rows], dtype=torch.float64)
-        y = torch.tensor([[float(r["target"])] for r in train_rows], dtype=torch.float64)
-        w = torch.linalg.lstsq(X, y).solution.flatten().tolist()  # argmin_w Σ (x·w - y)²
-        guess = lambda r: min(100, max(0, round(sum(a * b for a, b in zip(w, spurious_values(r))))))
-    result = {"majority_answer": top, "majority": fmean(r["target"] == top for r in rows),
-              "shortcut": fmean(guess(r) == r["target"] for r in rows)}
-    if not isinstance(top, str):
-        result.update(majority_mae=fmean(abs(r["target"] - top) for r in rows),
-                      shortcut_mae=fmean(abs(guess(r) - r["target"]) for r in rows))
-    return result
+    result = {"majority_answer": top, "majority": fmean(r["target"] == top for r in rows)}
+    if isinstance(top, str):  # STG_E
+        return dict(result, shortcut=fmean(shortcut(r) == r["target"] for r in rows))
+    import torch  # here alone: the rest of stg.py needs only the standard library
+    X = torch.tensor([spurious_values(r) for r in train_rows], dtype=torch.float64)
+    y = torch.tensor([[float(r["target"])] for r in train_rows], dtype=torch.float64)
+    w = torch.linalg.lstsq(X, y).solution.flatten().tolist()  # argmin_w Σ (x·w - y)²
+    guess = lambda r: min(100, max(0, round(sum(a * b for a, b in zip(w, spurious_values(r))))))
+    return dict(result, shortcut=fmean(guess(r) == r["target"] for r in rows),
+                majority_mae=fmean(abs(r["target"] - top) for r in rows),
+                shortcut_mae=fmean(abs(guess(r) - r["target"]) for r in rows))
 
 
 def describe_baselines(b):
@@ -181,8 +173,6 @@ def describe_baselines(b):
 
 # -----------------------------------------------------------------------------
 # rows, splits, files
-
-
 def make_row(text, target, effect, causal, spurious, irrelevant):
     """The JSONL row: the answer (effect span) is caused by the causal `Name: value` spans."""
     full = text + str(target)
@@ -238,8 +228,6 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=42,
                         help="random seed; same seed, same bytes (default: 42)")
     args = parser.parse_args(argv)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        parser.exit(2, f"stg.py: error: --out {args.out} is a file, not a folder\n")
     try:
         paths = write_all(args.out, args.seed)
     except OSError as e:  # no write permission, a file where a folder must go, a full disk
