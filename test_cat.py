@@ -1534,10 +1534,19 @@ def target(name, figure, wanted, met):
     return met
 
 
+def machine_record():
+    """The machine a run ran on: the GPU, or the CPU's model, its cores and whether it does bf16 math."""
+    if torch.cuda.is_available():
+        return {"gpu": torch.cuda.get_device_name()}
+    model = re.search(r"model name\s*:\s*(.*)", cat.cpu_flags())
+    return {"cpu": model.group(1).strip() if model else "unknown", "cores": os.cpu_count(),
+            "dtype": "bf16" if "avx512_bf16" in cat.cpu_flags() else "float32"}
+
+
 def machine():
-    cpu = f"{os.cpu_count()} CPU cores, " + ("bf16 (avx512_bf16)" if "avx512_bf16" in cat.cpu_flags() else
-                                             "float32 (no avx512_bf16)")
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else cpu
+    """machine_record() in words, for the benchmarks' printed figures."""
+    m = machine_record()
+    return m.get("gpu") or f"{m['cpu']}, {m['cores']} CPU cores, {m['dtype']}"
 
 
 def code_hash():
@@ -2189,8 +2198,7 @@ def interval(diffs):
 def authors_scoring(folder, rows):
     """A saved run scored the paper's way: the prompt keeps its trailing space, the answer is the generated text
     after it, stripped, and must equal the target exactly (the authors' evaluation script). {split: accuracy}."""
-    model, tok = cat.load_pretrained(folder, torch.float32, "eager")
-    tok.pad_token = tok.pad_token or tok.eos_token
+    model, tok = cat.load_pretrained(folder, torch.float32, "eager")  # pad = eos where it has none
     device, amp, _ = cat.pick_device("auto")
     model.to(device).eval()
     accuracy = {}
@@ -2205,15 +2213,6 @@ def authors_scoring(folder, rows):
             right += sum(text.strip() == str(r["target"]) for text, r in zip(texts, batch))
         accuracy[split] = right / len(split_rows)
     return accuracy
-
-
-def machine_record():
-    """The machine a run ran on: the GPU, or the CPU's model, its cores and whether it does bf16 math."""
-    if torch.cuda.is_available():
-        return {"gpu": torch.cuda.get_device_name()}
-    model = re.search(r"model name\s*:\s*(.*)", cat.cpu_flags())
-    return {"cpu": model.group(1).strip() if model else "unknown", "cores": os.cpu_count(),
-            "dtype": "bf16" if "avx512_bf16" in cat.cpu_flags() else "float32"}
 
 
 def record_line(regime, arm, seed, flags, folder, seconds, tests):
