@@ -14,7 +14,6 @@ import json
 import os
 import random
 import re
-import sys
 import threading
 import time
 from collections import Counter
@@ -355,7 +354,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     try:
-        sys.exit(1 if main()["failed"] else 0)  # 1: rows failed; rerun to ask them again
+        parser.exit(1 if main()["failed"] else 0)  # 1: rows failed; rerun to ask them again
     except (Fatal, OSError) as e:  # bad flags or input, a missing file, an unusable endpoint
-        print(f"annotate.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        parser.exit(2, f"annotate.py: error: {e}\n")
