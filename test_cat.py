@@ -241,16 +241,15 @@ def every_row(B, T):
     return torch.arange(T).expand(B, T)
 
 
-def loop_loss(maps, adj, alpha, skip_first=False):
-    """The Re-Attention loss written row by row, straight from the paper's formulas (with `skip_first`, column 0 is
-    left out of the others)."""
+def loop_loss(maps, adj, alpha):
+    """The Re-Attention loss written row by row, straight from the paper's formulas."""
     B, _, T, _ = maps[0].shape
     avg = sum(m.mean(dim=1) for m in maps) / len(maps)
     total, rows = 0.0, 0
     for b in range(B):
         for i in range(T):
             causal = [avg[b, i, j] for j in range(i + 1) if adj[b, i, j] == 1]
-            other = [avg[b, i, j] for j in range(i + 1) if adj[b, i, j] == 0 and not (skip_first and j == 0)]
+            other = [avg[b, i, j] for j in range(i + 1) if adj[b, i, j] == 0]
             if causal and other:
                 ratio = (sum(causal) / len(causal)) / (sum(other) / len(other))
                 total = total + torch.clamp(alpha - ratio, min=0)
@@ -258,18 +257,17 @@ def loop_loss(maps, adj, alpha, skip_first=False):
     return total / rows if rows else torch.tensor(0.0)
 
 
-@pytest.mark.parametrize("skip_first", [False, True])
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.5, 4.0])
-def test_loss_matches_a_row_by_row_loop(alpha, skip_first):
+def test_loss_matches_a_row_by_row_loop(alpha):
     B, H, L, T = 3, 2, 3, 7
     logits, maps = random_maps(B, H, L, T)
     g = torch.Generator().manual_seed(1)
     adj = (torch.rand(B, T, T, generator=g) < 0.3).float()  # upper-triangle entries too: they must be ignored
     adj[0, 4, :5] = 1  # a row with no other column: skipped
     adj[1, 5] = 0      # a row with no causal column: skipped
-    adj[2, 3, :4] = torch.tensor([0.0, 1, 1, 1])  # its only other column is the first: skipped with skip_first
-    got = cat.re_attention_loss(maps, adj, every_row(B, T), torch.ones(B, T), alpha, skip_first=skip_first)[0]
-    want = loop_loss(maps, adj, alpha, skip_first)
+    adj[2, 3, :4] = torch.tensor([0.0, 1, 1, 1])  # its only other column is the first
+    got = cat.re_attention_loss(maps, adj, every_row(B, T), torch.ones(B, T), alpha)[0]
+    want = loop_loss(maps, adj, alpha)
     assert got.shape == () and torch.allclose(got, want, atol=1e-6)
     if alpha > 0.5:
         assert want > 0
@@ -549,6 +547,33 @@ def test_lora_changes_only_adapter_weights(stg_rows):
     assert any(".k_proj.lora_" in k for k in changed) and any(".q_proj.lora_" in k for k in changed)
 
 
+def test_lora_folders_load_with_every_tokenizer_check_and_other_modules_are_one_clear_error(tmp_path, tiny_tokenizer):
+    """A LoRA folder's tokenizer gets the checks and the pad fallback of any model's; a model whose attention
+    projections have other names than LORA's (GPT-2's c_attn) stops with one line, before training."""
+    import copy
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), **dict(cat.TINY, num_hidden_layers=1))
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "base")
+    tiny_tokenizer.save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    get_peft_model(base, LoraConfig(**cat.LORA)).save_pretrained(tmp_path / "lora")
+    no_pad = copy.deepcopy(tiny_tokenizer)
+    no_pad.pad_token = None
+    no_pad.save_pretrained(tmp_path / "lora")
+    model, tok = cat.load_pretrained(str(tmp_path / "lora"), torch.float32, "eager", lora=True)
+    assert hasattr(model, "peft_config") and tok.pad_token == tok.eos_token == "</s>"
+    gpt2 = GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=1, n_head=2, n_positions=64, bos_token_id=2,
+                      eos_token_id=3)
+    AutoModelForCausalLM.from_config(gpt2).save_pretrained(tmp_path / "gpt2")
+    tiny_tokenizer.save_pretrained(tmp_path / "gpt2")
+    stg.write_jsonl(tmp_path / "t.jsonl", stg.make_split("stg_e", "train", 4))
+    r = run_cat("--model", "gpt2", "--lora", "--train", "t.jsonl", "--test", "", "--ood", "", cwd=tmp_path)
+    assert r.returncode == 2 and "step" not in r.stdout
+    assert re.fullmatch(r"cat\.py: error: --lora: Target modules .*q_proj.* not found.*\(LORA in cat\.py names them\)",
+                        r.stderr.strip().splitlines()[-1])
+
+
 def run_cat(*flags, cwd):
     return subprocess.run([sys.executable, os.path.join(HERE, "cat.py"), "--log-every", "0", *flags],
                           cwd=cwd, capture_output=True, text=True, timeout=600)
@@ -611,11 +636,13 @@ def test_cat_end_to_end_writes_metrics_report_and_reloads(tmp_path):
     for name, split, n in [("train", "train", 48), ("test", "test", 16), ("ood", "ood", 16)]:
         stg.write_jsonl(tmp_path / f"{name}.jsonl", stg.make_split("stg_e", split, n))
     files = ["--train", "train.jsonl", "--test", "test.jsonl", "--ood", "ood.jsonl", "--batch-size", "8"]
-    r = run_cat(*files, "--epochs", "2", "--alpha", "0", "--out", "run1", cwd=tmp_path)
+    r = run_cat(*files, "--epochs", "2", "--alpha", "0", "--out", "run1", "--log-every", "1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     metrics = check_report(tmp_path / "run1")
-    assert set(metrics) == {"iid", "ood", "links", "start_ratio", "config", "log"}
-    assert 0.5 < metrics["start_ratio"] < 2  # a model trained from scratch starts with attention spread evenly
+    assert set(metrics) == {"iid", "ood", "links", "config", "log"}
+    # step 1's C/N, before any update, is the model's own: from scratch, attention spread evenly, near 1
+    first = next(line for line in r.stdout.splitlines() if line.startswith("step     1/"))
+    assert 0.5 < metrics["log"][0]["C/N"] < 2 and f"C/N {metrics['log'][0]['C/N']:.3f}" in first
     for split in ("iid", "ood"):
         for key in ("attention", "gradxinput"):
             shares = metrics[split][key]
@@ -633,14 +660,11 @@ def test_cat_end_to_end_writes_metrics_report_and_reloads(tmp_path):
     assert metrics["config"]["alpha"] == 0 and metrics["config"]["epochs"] == 2 and len(metrics["log"]) == 2 * 6
     assert (tmp_path / "run1/config.json").exists() and (tmp_path / "run1/tokenizer.json").exists()
     # the saved folder loads back through from_pretrained, as any local model does; its page shows run1 beside it
-    # with --alpha-scale, alpha is that multiple of the loaded model's own C/N before training
     r = run_cat(*files, "--model", "run1", "--epochs", "1", "--ood", "", "--out", "run2", "--compare", "run1",
-                "--alpha-scale", "3", cwd=tmp_path)
+                "--alpha", "5", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     metrics = check_report(tmp_path / "run2", json.loads((tmp_path / "run1/attention.json").read_text()))
-    assert set(metrics) == {"iid", "links", "start_ratio", "config", "log"} and metrics["log"][0]["L_attn"] > 0
-    assert metrics["config"]["alpha"] == pytest.approx(3 * metrics["start_ratio"], abs=1e-3)
-    assert metrics["log"][0]["C/N"] == pytest.approx(metrics["start_ratio"], rel=0.3)  # its first batch: near the start
+    assert set(metrics) == {"iid", "links", "config", "log"} and metrics["log"][0]["L_attn"] > 0
 
 
 GOOD_ROW = json.dumps({"input": "Smoking: 8 Answer: ", "target": "High Risk",
@@ -678,14 +702,8 @@ CAT_CATALOGUE = {
     "--max-new-tokens 0": (GOOD, ["--max-new-tokens", "0"], "argument --max-new-tokens: needs at least 1"),
     "--alpha -1": (GOOD, ["--alpha", "-1"], "argument --alpha: needs 0 or more, not -1"),
     "--alpha inf": (GOOD, ["--alpha", "inf"], "argument --alpha: needs 0 or more, not inf"),
-    "--alpha-scale -2": (GOOD, ["--alpha-scale", "-2"], "argument --alpha-scale: needs 0 or more, not -2"),
-    "--alpha and --alpha-scale": (GOOD, ["--alpha", "1", "--alpha-scale", "2"],
-                                  "argument --alpha-scale: not allowed with argument --alpha"),
     "--warmup 1.5": (GOOD, ["--warmup", "1.5"], "argument --warmup: needs 0 to 1, not 1.5"),
     "--val -1": (GOOD, ["--val", "-1"], "argument --val: needs 0 or more, not -1"),
-    "--lora-r 0": (GOOD, ["--lora", "--lora-r", "0"], "argument --lora-r: needs at least 1, not 0"),
-    "--lora-dropout 1": (GOOD, ["--lora-dropout", "1"], "argument --lora-dropout: needs 0 to below 1, not 1"),
-    "--lora-targets q_proj,": (GOOD, ["--lora-targets", "q_proj,"], "argument --lora-targets: needs module names"),
     "--analysis-rows -1": (GOOD, ["--analysis-rows", "-1"], "argument --analysis-rows: needs 0 or more, not -1"),
     "--log-every -1": (GOOD, ["--log-every", "-1"], "argument --log-every: needs 0 or more, not -1"),
     "--attn flash": (GOOD, ["--attn", "flash"], "argument --attn: invalid choice: 'flash'"),
@@ -883,7 +901,7 @@ def lengthened(rows):
     return out
 
 
-def test_one_step_one_loss_whatever_the_split_into_micro_batches_and_ranks(tmp_path, monkeypatch):
+def test_one_step_one_loss_whatever_the_split_into_micro_batches_and_ranks(tmp_path):
     """A step's L_next is the mean over all its answer tokens and L_attn over all its supervised rows: batch 8, batch
     4 x 2 micro-batches, and 2 torchrun ranks (which split every micro-batch; the last, of one row, leaves a rank
     without rows) reach the same parameters and log the same losses, on answers of unequal lengths."""
@@ -939,12 +957,6 @@ def test_one_step_one_loss_whatever_the_split_into_micro_batches_and_ranks(tmp_p
     # rank 0 alone logs and writes
     assert two.stdout.count("wrote two/") == 1 and two.stdout.count("step     1/8") == 1 and "x 2 ranks" in two.stdout
     assert sorted(os.listdir(tmp_path / "one")) == sorted(os.listdir(tmp_path / "two"))
-    # more ranks than rows in a batch: one error, before any process group or model (torchrun's environment, in-process)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    monkeypatch.setattr(cat, "load_model", lambda *a: pytest.fail("a model was built"))
-    with pytest.raises(cat.BadInput, match=re.escape("torchrun: 3 ranks but --batch-size 2")):
-        cat.main([*flags, "--batch-size", "2", "--out", "three"])
 
 
 def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
@@ -1828,7 +1840,7 @@ def stg_table(name, model_flags, sizes, seeds, methods, files):
             lines.append(f"| STG_{size} | {label} | {pct(ms, 'val')} | {pct(ms, 'iid')} | {pct(ms, 'ood')} | "
                          f"{share([m['iid'] for m in ms], 'attention', cat.KINDS)} | "
                          f"{share([m['iid'] for m in ms], 'gradxinput', cat.KINDS[:3])} | "
-                         f"{mean_std([m['start_ratio'] for m in ms])[0]:.2f} → "
+                         f"{mean_std([m['log'][0]['C/N'] for m in ms])[0]:.2f} → "
                          f"{mean_std([sum(x) / len(x) for x in last])[0]:.2f} |")
         b = results[run(methods[0][1], size, seeds[0])]
         if "baselines" in b["iid"]:
@@ -1857,32 +1869,30 @@ def paper_targets(mean, cat_label="CAT"):
 
 
 def smollm2_start_ratio():
-    """SmolLM2's mean C/N before any training, as cat.py measures it (cat.start_ratio, on the first 64 rows of STG_S,
-    which are the first 64 of every size)."""
+    """SmolLM2's mean C/N before any training, as cat.py logs it at step 1, over the first 64 rows of STG_S (the first
+    64 of every size), 16 at a time."""
     args = cat.resolve(cat.parser.parse_args(["--model", "smollm2"]))
     rows = stg.make_split("stg_e", "train", 64)
     model, tok = cat.load_model(args, rows, torch.device("cpu"), None)
     data = [cat.encode(tok, r, args.max_length)[0] for r in rows]
-    return cat.start_ratio(model, data, args, tok.pad_token_id, torch.device("cpu"), None)
+    counts = cat.step_counts(data, tok.pad_token_id)
+    return sum(cat.losses(model, data[s:s + 16], args, tok.pad_token_id, torch.device("cpu"), None, counts)[2]
+               for s in range(0, 64, 16))
 
 
 SMOLLM2_SEEDS = [42, 43, 44] if torch.cuda.is_available() else [42, 43]
 SMOLLM2_SIZES = ["S", "M", "L"] if torch.cuda.is_available() else ["S"]  # a run on STG_S: about 6 minutes, 2 cores
-SKIP_FIRST_SCALE = 1.5  # the --skip-first variant's alpha, a multiple of its own C/N before training (--alpha-scale)
 
 
 def smollm2_methods():
-    """Vanilla, CAT with SmolLM2's defaults, and CAT with the --skip-first variant, each with its alpha chosen on
-    validation rows (bench_smollm2_alpha_grid)."""
+    """Vanilla, and CAT with SmolLM2's defaults, its alpha chosen on validation rows (bench_smollm2_alpha_grid)."""
     alpha = cat.DEFAULTS["smollm2"]["alpha"]
-    return [("vanilla", "alpha0", ["--alpha", "0"]), ("CAT", f"alpha{alpha:g}", ["--alpha", str(alpha)]),
-            ("CAT --skip-first", f"skipfirst_scale{SKIP_FIRST_SCALE:g}",
-             ["--skip-first", "--alpha-scale", str(SKIP_FIRST_SCALE)])]
+    return [("vanilla", "alpha0", ["--alpha", "0"]), ("CAT", f"alpha{alpha:g}", ["--alpha", str(alpha)])]
 
 
 @bench
 def test_bench_smollm2_stg_table_vanilla_vs_cat():
-    """Vanilla, CAT and CAT --skip-first on SmolLM2-135M with its defaults: on a GPU, STG_S, STG_M, STG_L and STG_H over
+    """Vanilla and CAT on SmolLM2-135M with its defaults: on a GPU, STG_S, STG_M, STG_L and STG_H over
     3 seeds with the paper's 6 epochs; on a CPU, STG_S over 2 seeds with the defaults' 3 epochs, each run also scored
     on the 200 validation rows (it shares its runs with bench_smollm2_alpha_grid). Targets: the paper's effect."""
     if torch.cuda.is_available():
@@ -1892,7 +1902,6 @@ def test_bench_smollm2_stg_table_vanilla_vs_cat():
         mean = stg_table("smollm2", ["--model", "smollm2"], SMOLLM2_SIZES, SMOLLM2_SEEDS, smollm2_methods(),
                          bench_files(val=True))
     paper_targets(mean)
-    paper_targets(mean, "CAT --skip-first")
 
 
 @bench
@@ -1922,17 +1931,6 @@ def test_bench_smollm2_alpha_grid_on_validation():
     best = on_m[1]  # CAT's alpha; 0 is the vanilla baseline beside it
     target("SmolLM2's default alpha is STG_S's best on validation", f"{cat.DEFAULTS['smollm2']['alpha']:g}",
            f"{best:g} ({best / ratio:.1f} x C/N)", cat.DEFAULTS["smollm2"]["alpha"] == best)
-    # the --skip-first variant starts from another C/N: its own grid of multiples, on STG_S
-    scales = (1.5, 2)
-    jobs = [(f"smollm2/S_skipfirst_scale{k:g}_42", ["--model", "smollm2", *files["S"], "--seed", "42", "--skip-first",
-                                                    "--alpha-scale", str(k)]) for k in scales]
-    runs = dict(zip(scales, run_many(jobs)))
-    variant = {k: m["val"]["accuracy"] for k, m in runs.items()}
-    print("--skip-first on STG_S, validation accuracy (IID / OOD test accuracy): " + ", ".join(
-        f"{k:g} x its C/N {m['start_ratio']:.2f}: {100 * m['val']['accuracy']:.1f} ({100 * m['iid']['accuracy']:.1f} / "
-        f"{100 * m['ood']['accuracy']:.1f})" for k, m in runs.items()))
-    target("SKIP_FIRST_SCALE is the best on validation", f"{SKIP_FIRST_SCALE:g}", f"{max(scales, key=variant.get):g}",
-           SKIP_FIRST_SCALE == max(scales, key=variant.get))
 
 
 @bench
@@ -2239,7 +2237,7 @@ def record_line(regime, arm, seed, flags, folder, seconds, tests):
     return {"version": PAIRS_VERSION, "regime": regime, "arm": arm, "seed": seed, "flags": flags, "code": code_hash(),
             "machine": machine_record(), "date": time.strftime("%Y-%m-%d"), "minutes": round(seconds / 60, 1),
             "steps": len(log), "steps_attn": sum(r["L_attn"] > 0 for r in log),
-            "cn_first": log[0]["C/N"], "cn_last": log[-1]["C/N"], "start_ratio": m["start_ratio"],
+            "cn_first": log[0]["C/N"], "cn_last": log[-1]["C/N"],
             "figures": figures}
 
 
