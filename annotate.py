@@ -21,7 +21,7 @@ from collections import Counter
 import requests
 from requests.adapters import HTTPAdapter
 from tqdm import tqdm
-from urllib3.exceptions import NewConnectionError
+from urllib3.exceptions import MaxRetryError, NewConnectionError
 from urllib3.util import Retry
 
 # -----------------------------------------------------------------------------
@@ -145,7 +145,14 @@ class RowFailed(Exception):
 
 class Backoff(Retry):
     """urllib3's Retry, waiting what the server asks (Retry-After, in seconds or as an HTTP date,
-    or retry-after-ms), else --backoff seconds doubled each time, +-50%; never over 300 s."""
+    or retry-after-ms), else --backoff seconds doubled each time, +-50%; never over 300 s. A
+    refused connection or an unknown host is not retried: no row can work (Client.ask stops)."""
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None,
+                  _stacktrace=None):
+        if isinstance(error, NewConnectionError):  # a connection that timed out is retried
+            raise MaxRetryError(_pool, url, error) from error
+        return super().increment(method, url, response, error, _pool, _stacktrace)
 
     def get_backoff_time(self):
         n = len(self.history)  # the attempts that failed so far
@@ -166,7 +173,7 @@ class Client:
         self.args, self.url = args, args.base_url.rstrip("/") + "/chat/completions"
         self.lock, self.tally, self.stopped = threading.Lock(), Counter(), None
         self.scrub = lambda text: text.replace(secret, "***") if secret else text  # the API key
-        retry = Backoff(total=args.retries - 1, connect=0, allowed_methods=None,
+        retry = Backoff(total=args.retries - 1, allowed_methods=None,
                         status_forcelist=[408, 409, 429, *range(500, 600)],
                         backoff_factor=args.backoff, raise_on_status=False)
         self.session = requests.Session()  # its connection pool serves every worker thread
@@ -193,7 +200,7 @@ class Client:
             body["response_format"] = {"type": "json_object"}
         try:
             r = self.session.post(self.url, json=body, timeout=self.args.timeout)
-        except requests.ConnectionError as e:  # could not connect, or every attempt failed
+        except requests.ConnectionError as e:  # every attempt failed, or the first was refused
             reason = getattr(e.args[0], "reason", e) if e.args else e
             if isinstance(reason, NewConnectionError):  # refused, or no such host: no row can work
                 raise self.stop(f"cannot reach {self.url}: {str(reason).split('): ')[-1]}")

@@ -1523,6 +1523,26 @@ def test_annotate_retries_through_the_adapter(tmp_path, endpoint):
     assert len(gaps) == 3 and all(0.5 * 0.2 * 2 ** k <= g < 1.5 * 0.2 * 2 ** k + 0.3 for k, g in enumerate(gaps)), gaps
 
 
+def test_annotate_retries_a_connection_that_times_out(tmp_path, endpoint, monkeypatch):
+    """A connection that times out is a timeout like any other, retried after --backoff; only a refused one (or an
+    unknown host) stops the run at once (test_annotate_exit_codes)."""
+    import urllib3.connection
+    real, calls = urllib3.connection.HTTPConnection._new_conn, []
+
+    def slow_once(self):
+        calls.append(time.time())
+        if len(calls) == 1:
+            raise urllib3.exceptions.ConnectTimeoutError(self, "connection timed out")
+        return real(self)
+
+    monkeypatch.setattr(urllib3.connection.HTTPConnection, "_new_conn", slow_once)
+    stg.write_jsonl(tmp_path / "raw.jsonl", raw_rows(["good"]))
+    server = endpoint()
+    tally = annotate.main(annotate_args(tmp_path, server.url, "--backoff", "0.2", "--workers", "1"))
+    assert tally["ok"] == 1 and tally["requests"] == 2 and len(calls) == 2 and len(server.log) == 1
+    assert 0.1 <= calls[1] - calls[0] < 0.6
+
+
 def test_retry_after_forms():
     wait = lambda headers: annotate.Backoff().get_retry_after(types.SimpleNamespace(headers=headers))
     assert wait({"Retry-After": "7"}) == 7.0
