@@ -12,7 +12,8 @@ from Part I by name, and the command line (python cat.py --help). Writes to --ou
 LoRA adapter, its tokenizer, metrics.json, attention.json and attention.html.
 
 Dimension letters: B batch, T tokens, C model width, L layers, H heads, D head width,
-R supervised rows of an example, P positions whose logits are kept, K token kinds (KINDS).
+R supervised rows of an example (their query positions: `queries`), P positions whose logits
+are kept, K token kinds (KINDS). `rows` are always a file's rows (examples), never positions.
 """
 import argparse
 import hashlib
@@ -56,19 +57,19 @@ def encode(tokenizer, row, max_length):
 
 
 def collate(examples, pad_id):
-    """Right-padded ids, mask, labels (B, T); the supervised rows' positions (B, R), padded with
-    rows without causal columns (skipped by the loss); and their causal columns (B, R, T)."""
+    """Right-padded ids, mask, labels (B, T); the supervised rows' query positions (B, R), padded
+    with positions without causal columns (skipped by the loss); and their causal columns (B, R, T)."""
     B, T = len(examples), max(len(e["ids"]) for e in examples)
     R = max(1, max(len(e["adj"][:, 0].unique()) for e in examples))
     ids, labels, mask = torch.full((B, T), pad_id), torch.full((B, T), -100), torch.zeros(B, T)
-    rows, adj = torch.zeros(B, R, dtype=torch.long), torch.zeros(B, R, T)
+    queries, adj = torch.zeros(B, R, dtype=torch.long), torch.zeros(B, R, T)
     for b, e in enumerate(examples):
         n = len(e["ids"])
         ids[b, :n], mask[b, :n], labels[b, :n] = e["ids"], 1, e["labels"]
-        r, which = e["adj"][:, 0].unique(return_inverse=True)  # its rows, and each link's row
-        rows[b, :len(r)] = r
+        q, which = e["adj"][:, 0].unique(return_inverse=True)  # its queries, each link's one
+        queries[b, :len(q)] = q
         adj[b, which, e["adj"][:, 1]] = 1
-    return ids, mask.long(), labels, rows, adj
+    return ids, mask.long(), labels, queries, adj
 
 
 # -----------------------------------------------------------------------------
@@ -93,12 +94,12 @@ def build_adjacency(tokenizer, text, important, max_length):
                                        for c in cs):
         in_text = linked = False
         for e in find_spans(text, effect):
-            rows = [t - 1 for t in tokens_in(offsets, e, e + len(effect)) if t > 0]  # the shift
+            queries = [t - 1 for t in tokens_in(offsets, e, e + len(effect)) if t > 0]  # the shift
             for c in find_spans(text, cause):
                 if c + len(cause) <= e:  # a cause must end before its effect starts
                     in_text = True
                     for j in tokens_in(offsets, c, c + len(cause)):
-                        for i in rows:
+                        for i in queries:
                             if j <= i:
                                 adj[i, j], linked = 1, True
         counts["found" if linked else "truncated" if in_text else "missing"] += 1
@@ -107,28 +108,29 @@ def build_adjacency(tokenizer, text, important, max_length):
 
 # -----------------------------------------------------------------------------
 # the Re-Attention loss (paper, Section 4.2)
-def row_masks(adj, rows, mask):
-    """For the query rows `rows` (B, R) of a batch with attention mask `mask` (B, T) and their
+def row_masks(adj, queries, mask):
+    """For the query positions `queries` (B, R) of a batch with attention mask `mask` (B, T) and their
     adjacency `adj` (B, R, T): the causal columns and the other real columns j <= i, (B, R, T)
     each, and the supervised rows, which have both (B, R). Padding may be on either side."""
-    past = (torch.arange(adj.shape[-1], device=adj.device) <= rows[..., None]) \
+    past = (torch.arange(adj.shape[-1], device=adj.device) <= queries[..., None]) \
         & mask[:, None, :].bool()                               # (B, R, T) real tokens j <= i
     causal = adj * past                                         # (B, R, T) A_ij, j <= i
     other = past.to(adj.dtype) - causal                         # (B, R, T) 1 - A_ij, j <= i
     return causal, other, (causal.sum(-1) > 0) & (other.sum(-1) > 0)
 
 
-def re_attention_loss(maps, adj, rows, mask, alpha, n_rows=None):
-    """`maps`: the L layers' attention at the query rows `rows` (B, R), each (B, H, R, T); `adj`:
+def re_attention_loss(maps, adj, queries, mask, alpha, n_rows=None):
+    """`maps`: the L layers' attention at the query positions `queries` (B, R), each (B, H, R, T); `adj`:
     those rows of the adjacency (B, R, T); `mask`: the attention mask (B, T). Returns (L_attn,
     mean C/N), sums over the supervised rows divided by `n_rows`, the whole step's count, so that
     micro-batches and ranks add up to the step's means (default: this batch's count)."""
     # Ā = 1/(L·H) Σ_l Σ_h softmax(Q_lh K_lhᵀ / √d_k), summed in float32 (no stacked copy)
     avg = sum(a.mean(dim=1, dtype=torch.float32) for a in maps) / len(maps)   # (B, R, T)
-    causal, other, supervised = row_masks(adj.to(avg.dtype), rows, mask)
+    causal, other, supervised = row_masks(adj.to(avg.dtype), queries, mask)
     # C_i = Σ_{j<=i} Ā_ij A_ij / Σ_{j<=i} A_ij
     C = (avg * causal).sum(-1) / causal.sum(-1).clamp(min=1)   # (B, R)
-    # N_i = Σ_{j<=i} Ā_ij (1 - A_ij) / Σ_{j<=i} (1 - A_ij)
+    # N_i = Σ_{j<=i} Ā_ij (1 - A_ij) / Σ_{j<=i} (1 - A_ij): the first token is one of these; in a
+    # pretrained model it is an attention sink, and draining it is one way to meet the hinge
     N = (avg * other).sum(-1) / other.sum(-1).clamp(min=1)     # (B, R)
     ratio = C / N.clamp(min=1e-12)                              # (B, R) finite: so are gradients
     # L_attn = Σ_i max(0, α - C_i / N_i). The paper writes a sum over rows; like the authors'
@@ -138,19 +140,19 @@ def re_attention_loss(maps, adj, rows, mask, alpha, n_rows=None):
     return hinge.sum() / n, torch.where(supervised, ratio, 0).sum().detach() / n
 
 
-def at_rows(maps, rows):
-    """The query rows `rows` (B, R) of full attention maps: (B, H, T, T) -> (B, H, R, T) each."""
-    index = rows[:, None, :, None]                                         # (B, 1, R, 1)
+def at_rows(maps, queries):
+    """The query positions `queries` (B, R) of full maps: (B, H, T, T) -> (B, H, R, T) each."""
+    index = queries[:, None, :, None]                                      # (B, 1, R, 1)
     return [a.gather(2, index.expand(-1, a.shape[1], -1, a.shape[3])) for a in maps]
 
 
-def forward(model, args, rows, **inputs):
-    """(model output, the L layers' attention at the query rows `rows` (B, R): (B, H, R, T))."""
+def forward(model, args, queries, **inputs):
+    """(model output, the L layers' attention at the query positions `queries` (B, R): (B, H, R, T))."""
     if args.attn == "rows":  # Part II's rows_attention computes those rows alone
-        out = model(**inputs, output_attentions=True, cat_rows=rows)
+        out = model(**inputs, output_attentions=True, cat_rows=queries)
         return out, out.attentions
     out = model(**inputs, output_attentions=True)   # eager attention: every (B, H, T, T) map
-    return out, at_rows(out.attentions, rows)
+    return out, at_rows(out.attentions, queries)
 
 
 # -----------------------------------------------------------------------------
@@ -181,6 +183,9 @@ def load_model(args, train_rows, device, amp):
     if args.attn == "rows" and not model._supports_attention_backend:
         raise BadInput(f"--attn rows: {type(model).__name__} does not route attention through "
                        "transformers' AttentionInterface; use --attn eager")
+    if args.attn == "rows":  # one token through every layer: what rows_attention cannot do, it refuses
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long), cat_rows=torch.zeros(1, 1).long())
     if args.lora and not hasattr(model, "peft_config"):
         from peft import LoraConfig, get_peft_model
         try:
@@ -208,18 +213,18 @@ def lr_at(step, total, peak, warmup):
 def step_counts(examples, pad_id):
     """(answer tokens, supervised rows) of all the examples of one optimizer step: the
     denominators of its L_next and L_attn, known before any forward pass."""
-    _, mask, labels, rows, adj = collate(examples, pad_id)
-    return int((labels[:, 1:] != -100).sum()), int(row_masks(adj, rows, mask)[2].sum())
+    _, mask, labels, queries, adj = collate(examples, pad_id)
+    return int((labels[:, 1:] != -100).sum()), int(row_masks(adj, queries, mask)[2].sum())
 
 
 def losses(model, examples, args, pad_id, device, amp, counts):
     """L_next and L_attn of some of a step's examples, each a sum over them divided by the whole
     step's `counts` (step_counts), and their part of the step's mean C/N."""
-    ids, mask, labels, rows, adj = (x.to(device) for x in collate(examples, pad_id))
+    ids, mask, labels, queries, adj = (x.to(device) for x in collate(examples, pad_id))
     keep = (labels[:, 1:] != -100).any(0).nonzero().flatten()  # (P,) positions before an answer
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         # logits only where L_next reads them: the LM head is a fifth of a small model's work
-        out, maps = forward(model, args, rows, input_ids=ids, attention_mask=mask,
+        out, maps = forward(model, args, queries, input_ids=ids, attention_mask=mask,
                             logits_to_keep=keep)
     layers = model.config.get_text_config().num_hidden_layers
     assert len(maps) == layers and all(a.requires_grad for a in maps), "need one attention map " \
@@ -228,7 +233,7 @@ def losses(model, examples, args, pad_id, device, amp, counts):
     logits = out.logits.float().flatten(0, 1)                          # (B·P, vocab)
     l_next = F.cross_entropy(logits, labels[:, keep + 1].flatten(), ignore_index=-100,
                              reduction="sum") / max(1, counts[0])
-    l_attn, ratio = re_attention_loss(maps, adj, rows, mask, args.alpha, counts[1])
+    l_attn, ratio = re_attention_loss(maps, adj, queries, mask, args.alpha, counts[1])
     return l_next, l_attn, ratio.item()
 
 
@@ -291,11 +296,8 @@ KINDS = ("causal", "spurious", "irrelevant", "first")  # the tokens whose shares
 
 
 @torch.no_grad()
-def evaluate(model, tokenizer, rows, args, device, amp, keep=24):
-    """Accuracy of greedy decoding on every row, and the predictions; for labels and letters, the
-    share of each answer; over the first --analysis-rows rows with `factors`, the mean share of
-    the answer row's attention (by layer, and overall) and gradient x input on each kind of token
-    (paper, Figure 3). Also returns the first `keep` rows' tokens and attention, for the report."""
+def generate(model, tokenizer, rows, args, device, amp):
+    """The greedy answer to every row's prompt, --eval-batch-size prompts at a time."""
     model.eval()
     mine, predictions = my_share(range(len(rows))), {}  # Part II, torchrun: this rank's rows
     for s in range(0, len(mine), args.eval_batch_size):
@@ -310,7 +312,16 @@ def evaluate(model, tokenizer, rows, args, device, amp, keep=24):
         texts = tokenizer.batch_decode(new[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         predictions.update(zip(batch, texts))
     every = gather(predictions)  # Part II, torchrun: every rank's predictions
-    predictions = [every[i] for i in range(len(rows))]
+    return [every[i] for i in range(len(rows))]
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, rows, args, device, amp, keep=24):
+    """Accuracy of greedy decoding on every row, and the predictions; for labels and letters, the
+    share of each answer; over the first --analysis-rows rows with `factors`, the mean share of
+    the answer row's attention (by layer, and overall) and gradient x input on each kind of token
+    (paper, Figure 3). Also returns the first `keep` rows' tokens and attention, for the report."""
+    predictions = generate(model, tokenizer, rows, args, device, amp)
     right = [is_correct(p, r["target"]) for p, r in zip(predictions, rows)]
     result = {"accuracy": sum(right) / len(rows), "predictions": predictions}
     if isinstance(answer_of(str(rows[0]["target"]), rows[0]["target"]), str):  # labels, letters
@@ -325,7 +336,8 @@ def evaluate(model, tokenizer, rows, args, device, amp, keep=24):
         onehot = [torch.tensor([[k == kind for kind in KINDS] for k in x["kinds"]]).float()
                   for x in factored]                                                # (T, K) each
         by_layer = sum(x["attention"] @ o for x, o in zip(factored, onehot)) / len(factored)
-        grad = sum((x["gradxinput"] / x["gradxinput"].sum()) @ o for x, o in zip(factored, onehot))
+        grad = sum((x["gradxinput"] / x["gradxinput"].sum().clamp(min=1e-30)) @ o  # all 0: 0
+                   for x, o in zip(factored, onehot))
         rounded = lambda t, digits=5: [round(v, digits) for v in t.tolist()]
         result.update(analysed_rows=len(factored),
                       attention=dict(zip(KINDS, rounded(by_layer.mean(0)))),
@@ -344,10 +356,10 @@ def main(argv=None):
     args = resolve(parser.parse_args(argv))  # Part II: every flag checked as it is read; DEFAULTS
     device, amp, why = pick_device(args.device, args.amp)  # Part II
     world = start_ranks(device)  # Part II: torchrun's process group; 1 alone
-    train_rows, tests = read_data(args)  # Part II: the JSONL files, checked row by row
+    say = print if is_main() else lambda *a: None
+    train_rows, tests = read_data(args, say)  # Part II: the JSONL files, checked row by row
     compare = check_outputs(args)  # Part II: --out is writable; --compare's run, read
     fingerprint, checkpoint = resume_from(args, train_rows)  # Part II: checkpoint None if fresh
-    say = print if is_main() else lambda *a: None
     say(f"device: {device}{f' x {world} ranks' if world > 1 else ''} | dtype: {why}")
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args, train_rows, device, amp)
@@ -361,12 +373,16 @@ def main(argv=None):
         f" | alpha {args.alpha:g} | gamma {'exp(-epoch)' if args.gamma_decay else '1'}")
     if args.max_new_tokens is None:
         args.max_new_tokens = max(int((e["labels"] != -100).sum()) for e in data) + 8
+    # what answers that never learned the causes score, beside every score: STG's baselines; for
+    # numbers, the model before tuning and rules on the question's numbers (Part II)
+    refs = {name: baselines(model, tokenizer, train_rows, rows, args, device, amp)
+            for name, rows in tests.items()}
     log = train(model, data, args, tokenizer.pad_token_id, device, amp, checkpoint, fingerprint)
     metrics, shown = {}, {}
     for name, rows in tests.items():
         metrics[name], shown[name] = evaluate(model, tokenizer, rows, args, device, amp)
-        if "factors" in rows[0] and "factors" in train_rows[0]:  # STG: answers without a cause
-            metrics[name]["baselines"] = stg.baselines(train_rows, rows)
+        if refs[name]:
+            metrics[name]["baselines"] = refs[name]
         say(describe(name, len(rows), metrics[name]))  # Part II
     metrics.update(links=links, config=vars(args), log=log)
     if is_main():
@@ -376,16 +392,18 @@ def main(argv=None):
     return metrics
 
 # =============================================================================
-# Part II: the extensions, each entering Part I through one named call; the command line
+# Part II: the extensions, each called from Part I by name; the command line
 # =============================================================================
 
 
 # -----------------------------------------------------------------------------
 # the command line: each flag's rule in its type; flags left unset take the model's DEFAULTS.
 # Pretrained models: the paper's recipe (Section 5.1: lr 5e-5, 1e-4 with LoRA, 6 epochs on STG,
-# gamma = exp(-epoch)) with the authors' 16 rows x 4 micro-batches a step (train_general.py in
-# github.com/Kairong-Han/CAT) and alpha 0.2. The built-in model: what it needs to learn STG from
-# scratch. SmolLM2: chosen on validation rows (README, appendix D).
+# gamma = exp(-epoch)) with 16 rows x 4 micro-batches a step, the argparse defaults of the
+# authors' train_general.py (github.com/Kairong-Han/CAT at commit 127dfd0; test1_example.py has
+# the same), whose other defaults the paper overrides (lr 1e-3, 10 epochs, alpha 2, loss "div"),
+# and alpha 0.2. The built-in model: what it needs to learn STG from scratch. SmolLM2: chosen on
+# validation rows (README, appendix D).
 PAPER = dict(alpha=0.2, gamma_decay=True, epochs=6, lr=5e-5, batch_size=16, grad_accum=4)
 SMOL = dict(alpha=0.37, gamma_decay=True, epochs=3, lr=1e-4, batch_size=8, grad_accum=1)
 DEFAULTS = {"tiny": dict(alpha=2.0, gamma_decay=False, epochs=40, lr=1e-3, batch_size=32,
@@ -404,12 +422,18 @@ def needs(kind, ok, what):
     return read
 
 
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):  # a default of None: the model's DEFAULTS, or the help's
+        if action.default is None:
+            return action.help + " (default: model's default, DEFAULTS)" * (action.dest in PAPER)
+        return super()._get_help_string(action)
+
+
 count = needs(int, lambda v: v >= 1, "at least 1")
 natural = needs(int, lambda v: v >= 0, "0 or more")
 margin = needs(float, lambda v: 0 <= v < math.inf, "0 or more")
 parser = argparse.ArgumentParser(
-    prog="cat.py", usage="cat.py [flags] (cat.py --help lists them)",
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,  # None: the model's DEFAULTS
+    prog="cat.py", usage="cat.py [flags] (cat.py --help lists them)", formatter_class=Help,
     description="Causal Attention Tuning: fine-tune with the Re-Attention loss, then test.",
     epilog="Flags left unset take the model's DEFAULTS: " + "; ".join(
         f"{model}, " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in d.items())
@@ -418,7 +442,8 @@ add, yes_no = parser.add_argument, argparse.BooleanOptionalAction
 # data
 add("--train", default="data/stg_e/train_M.jsonl", help="training JSONL (STG: made if missing)")
 add("--test", default="data/stg_e/test.jsonl", help="IID test JSONL ('': none)")
-add("--ood", default="data/stg_e/ood.jsonl", help="OOD test JSONL ('': none)")
+add("--ood", nargs="*", default=["data/stg_e/ood.jsonl"], help="OOD test JSONL files, splits "
+    "ood, ood2, ... (none: no OOD test)")
 add("--val", type=natural, default=0, help="last rows of --train held out for validation")
 add("--max-length", type=count, default=256, help="tokens per training row")
 # model
@@ -490,11 +515,15 @@ def cpu_flags():
     return pathlib.Path("/proc/cpuinfo").read_text() if os.path.exists("/proc/cpuinfo") else ""
 
 
-def read_data(args):
+def read_data(args, say):
     """(training rows, {split: test rows}); --val's rows are the last training rows. STG files
-    missing at their default paths are written first."""
+    missing at their default paths are written first. A test file whose targets are mostly
+    numbers keeps the rows whose target is one number (ASDiv's also holds 'Clara' and '3:4'):
+    the others are left out and named."""
+    files = [("iid", args.test)] + [(f"ood{k + 1 if k else ''}", p)
+                                    for k, p in enumerate(p for p in args.ood if p)]
     wrote = any(p and not os.path.exists(p) and os.path.relpath(p, "data") in stg.FILES
-                for p in (args.train, args.test, args.ood))
+                for p in [args.train] + [p for _, p in files])
     if wrote and is_main():
         stg.write_all("data")
     if dist.is_initialized():
@@ -503,12 +532,19 @@ def read_data(args):
     if len(rows) <= args.val:
         raise BadInput(f"{args.train}: {len(rows)} rows, not enough to train (--val {args.val})")
     tests = {"val": rows[len(rows) - args.val:]} if args.val else {}
-    for name, path in (("iid", args.test), ("ood", args.ood)):
-        tests.update({name: read_rows(path)} if path else {})
-        if path and not tests[name]:
+    for name, path in files:
+        if not path:  # '': no such test
+            continue
+        tests[name] = read_rows(path)
+        if not tests[name]:
             raise BadInput(f"{path}: 0 rows, nothing to test")
-    if wrote and is_main():  # said once every file has been read
-        print("data/ lacked the STG files: wrote them with stg.py")
+        odd = [n for n, r in enumerate(tests[name], 1) if target_number(r["target"]) is None]
+        if odd and 2 * len(odd) < len(tests[name]):
+            say(f"{path}: {len(odd)} of {len(tests[name])} rows left out, their target is not one "
+                f"number: rows {listed(odd)}")
+            tests[name] = [r for r in tests[name] if target_number(r["target"]) is not None]
+    if wrote:  # said once every file has been read
+        say("data/ lacked the STG files: wrote them with stg.py")
     return rows[:len(rows) - args.val], tests
 
 
@@ -523,9 +559,14 @@ def with_answers(encoded, train_rows, tokenizer, args, say):
                        f"training row (the longest row has {longest} tokens): raise it")
     if cut:
         say(f"--max-length {args.max_length} cuts off the whole answer of {len(cut)} of "
-            f"{len(encoded)} training rows, left out: rows {', '.join(map(str, cut[:10]))}"
-            f"{f' and {len(cut) - 10} more' if len(cut) > 10 else ''} of {args.train}")
+            f"{len(encoded)} training rows, left out: rows {listed(cut)} of {args.train}")
     return [e for e, _ in encoded if not (e["labels"] == -100).all()]
+
+
+def listed(numbers):
+    """listed(range(1, 13)) == '1, 2, 3, 4, 5, 6, 7, 8, 9, 10 and 2 more'"""
+    more = f" and {len(numbers) - 10} more" if len(numbers) > 10 else ""
+    return ", ".join(map(str, numbers[:10])) + more
 
 
 # -----------------------------------------------------------------------------
@@ -533,7 +574,14 @@ def with_answers(encoded, train_rows, tokenizer, args, say):
 def rows_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                    cat_rows=None, **kwargs):
     """For transformers' AttentionInterface: SDPA's output (no T x T map kept), and the softmax
-    probabilities of the query rows `cat_rows` (B, R) alone: (B, H, R, T), not (B, H, T, T)."""
+    probabilities of the query rows `cat_rows` (B, R) alone: (B, H, R, T), not (B, H, T, T).
+    Exact for the softmax of q kᵀ · scale under the mask, sliding windows included (transformers
+    passes a mask whenever a window cuts a row); refused where eager attention does more."""
+    bent = [k for k in ("softcap", "s_aux", "sinks", "position_bias", "alibi") if kwargs.get(k)
+            is not None]  # logit softcapping (Gemma 2), sinks (gpt-oss), position biases
+    if bent:
+        raise BadInput(f"--attn rows: {module.config.model_type} passes {', '.join(bent)} to its "
+                       "attention, which rows_attention does not compute; use --attn eager")
     kwargs.pop("output_attentions", None)  # SDPA gives no maps, and would warn; this gives them
     out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                     scaling=scaling, **kwargs)
@@ -639,7 +687,7 @@ def sum_over_ranks(params, logged):
         for p in params:
             p.grad = p.grad if p.grad is not None else torch.zeros_like(p)  # a rank without rows
             dist.all_reduce(p.grad)
-        synced = logged.to(p.grad.device)
+        synced = logged.to("cuda" if dist.get_backend() == "nccl" else "cpu")  # nccl: GPUs only
         dist.all_reduce(synced)
         logged.copy_(synced.cpu())
 
@@ -753,7 +801,7 @@ def token_kinds(row, prompt, offsets):
 
 
 # -----------------------------------------------------------------------------
-# the built-in model's tokenizer, and answers (STG_E labels, numbers, choice letters)
+# the built-in model's tokenizer; answers (STG_E labels, numbers, choice letters); baselines
 def train_tokenizer(texts):
     """A word-level tokenizer trained on `texts`: words keep their leading space as '▁' (like
     Llama's), punctuation is split off, numbers stay whole ('▁43', '.', '1')."""
@@ -777,8 +825,8 @@ def answer_of(text, target):
 
     >>> answer_of(" High Risk</s>", "Low Risk"), answer_of("B. a bacterium", "B")
     ('High Risk', 'B')
-    >>> answer_of("48/2 = 24 clips. #### 1,072", "#### 72"), answer_of("Answer: 43", "Answer: 43.0")
-    (1072.0, 43.0)
+    >>> answer_of("48/2 = 24 clips. #### 1,072", "#### 72"), answer_of(" 337.0 boys", "337.0")
+    (1072.0, 337.0)
     """
     if str(target) in ("High Risk", "Low Risk"):
         m = re.search(r"\b(High|Low) Risk\b", text)
@@ -786,31 +834,87 @@ def answer_of(text, target):
     if re.fullmatch(r"(Answer: )?[A-E]", str(target)):
         m = re.search(r"\b([A-E])\b", text)
         return m and m.group(1)
-    m = re.search(r"####\s*(-?[\d,]*\.?\d+)", text) or re.search(r"(-?\d[\d,]*(?:\.\d+)?)", text)
+    m = re.search(f"####\\s*({NUMBER})", text) or re.search(NUMBER, text)
+    return m and float(m.group(m.lastindex or 0).replace(",", ""))
+
+
+NUMBER = r"(?<![\d.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"  # 12, -3.5, 1,072; the 4 of 3-4
+
+
+def target_number(target):
+    """The one number of a target, or None. One: 'Answer: 8.0' (MAWPS), '337.0' (SVAMP), '6 (bags)'
+    (ASDiv, a unit after it), '... #### 72' (GSM8K, after its working). None: 'Clara', '3:4'.
+
+    >>> [target_number(t) for t in ("Answer: 8.0", "337.0", "6 (bags)", "#### 1,072", "3:4", "5/2")]
+    [8.0, 337.0, 6.0, 1072.0, None, None]
+    """
+    t = str(target).strip()
+    m = re.search(f"####\\s*({NUMBER})$", t) or \
+        re.fullmatch(f"(?:Answer:\\s*)?({NUMBER})(?:\\s*\\([^()]*\\))?", t)
     return m and float(m.group(1).replace(",", ""))
 
 
 def is_correct(prediction, target):
+    """Labels and letters: the same; numbers: the first in `prediction` (or after '####') equals
+    the target's one number to within 1e-6 of it ('Answer: 8' is right for 'Answer: 8.0')."""
     got, want = answer_of(prediction, target), answer_of(str(target), target)
-    if isinstance(want, float):
-        return got is not None and abs(got - want) <= 1e-6 * max(1.0, abs(want))
-    return got is not None and got == want
+    if isinstance(want, str):
+        return got == want
+    return same(got, target_number(target))
+
+
+def same(a, b):
+    return a is not None and b is not None and abs(a - b) <= 1e-6 * max(1.0, abs(b))
+
+
+# rules on the numbers x written in digits in a question, and how many each needs: the floor
+# that a shortcut reaches on numbers as answers
+RULES = {"first": (1, lambda x: x[0]), "last": (1, lambda x: x[-1]), "sum": (1, sum),
+         "difference": (2, lambda x: abs(x[0] - x[1])), "product": (2, lambda x: x[0] * x[1])}
+
+
+def baselines(model, tokenizer, train_rows, rows, args, device, amp):
+    """What answers that never learned the causes score on `rows`: STG's baselines (stg.baselines)
+    for rows with `factors`; for numbers as answers, the model before tuning (greedy, the same
+    prompts) and each of RULES, with the best; else {}."""
+    if "factors" in rows[0] and "factors" in train_rows[0]:
+        return stg.baselines(train_rows, rows)
+    if isinstance(answer_of(str(rows[0]["target"]), rows[0]["target"]), str):
+        return {}
+    before = generate(model, tokenizer, rows, args, device, amp)
+    refs = {"before tuning": sum(map(is_correct, before, (r["target"] for r in rows))) / len(rows)}
+    xs = [[float(n.replace(",", "")) for n in re.findall(NUMBER, r["input"])] for r in rows]
+    for name, (need, rule) in RULES.items():
+        refs[name] = sum(same(rule(x) if len(x) >= need else None, target_number(r["target"]))
+                         for x, r in zip(xs, rows)) / len(rows)
+    return dict(refs, best=max(RULES, key=refs.get))
+
+
+def describe_baselines(b):
+    """One line: STG's (stg.describe_baselines), or the model before tuning and the rules."""
+    if "majority" in b:
+        return stg.describe_baselines(b)
+    return f"before tuning {100 * b['before tuning']:.1f}%; on the question's numbers, " + \
+        ", ".join(f"{k} {100 * b[k]:.1f}%" for k in RULES) + f" (best: {b['best']})"
 
 
 # -----------------------------------------------------------------------------
 # outputs: a few lines per split (describe); the model, metrics.json, attention.json and
 # attention.html, where the answer looks, beside --compare's run (write_outputs, report)
+def summary(m):
+    """A split's figures in words, for the log and the page: accuracy, what the model answers, the
+    baselines, and the answer row's attention and gradient x input on each kind of token."""
+    share = lambda key: " / ".join(f"{m[key][k]:.3f}" for k in KINDS) if key in m else ""
+    return {"accuracy": f"{100 * m['accuracy']:.2f}%",
+            "answers": ", ".join(f"{a} {100 * s:.1f}%" for a, s in m.get("answers", {}).items()),
+            "baselines": describe_baselines(m["baselines"]) if "baselines" in m else "",
+            f"attention: {' / '.join(KINDS)}": share("attention"), "gradient x input": share("gradxinput")}
+
+
 def describe(name, n, m):
-    """A few lines per split: accuracy and what the model answers; the baselines; where it looks."""
-    text = f"{name:4s} ({n:4d} rows) | accuracy {100 * m['accuracy']:6.2f}%"
-    if "answers" in m:
-        text += " | answers " + ", ".join(f"{a} {100 * s:.1f}%" for a, s in m["answers"].items())
-    if "baselines" in m:
-        text += f"\n{'':17s}| baselines: {stg.describe_baselines(m['baselines'])}"
-    if "attention" in m:
-        text += f"\n{'':17s}| answer-row attention ({m['analysed_rows']} rows): " + " / ".join(
-            f"{k} {v:.3f}" for k, v in m["attention"].items())
-    return text
+    """A few lines per split: its summary, the figures it has."""
+    return f"{name:4s} ({n:4d} rows) | " + f"\n{'':17s}| ".join(
+        f"{k}: {v}" for k, v in summary(m).items() if v)
 
 
 def check_outputs(args):
@@ -850,23 +954,22 @@ STYLE = ("body{font:15px sans-serif;margin:2em}td,th{padding:.3em;border-top:1px
 
 
 def report(runs):
-    """attention.html for `runs`, (name, metrics, attention.json content) each, this one first: by
-    split, accuracy, baselines and shares; the log's curves; 3 right, 3 wrong rows side by side."""
-    share = lambda d: " / ".join(f"{d[k]:.3f}" for k in KINDS) if d else ""
-    base = lambda m: stg.describe_baselines(m["baselines"]) if "baselines" in m else ""
+    """attention.html for `runs`, (name, metrics, attention.json content) each, this one first: a
+    table of every split's summary; the log's curves; 3 right, 3 wrong rows side by side."""
     page = [f"<!doctype html><meta charset=utf-8><title>CAT</title><style>{STYLE}</style><h1>Where"
-            " the answer looks</h1><table><tr><th>run<th>split<th>accuracy<th>baselines<th>"
-            f"attention: {' / '.join(KINDS)}<th>gradient x input"]
-    page += [f"<tr><td>{html.escape(n)}<td>{s}<td>{100 * m[s]['accuracy']:.1f}%<td>"
-             f"{html.escape(base(m[s]))}<td>{share(m[s].get('attention'))}<td>"
-             f"{share(m[s].get('gradxinput'))}" for n, m, shown in runs for s in shown if s in m]
+            " the answer looks</h1><table><tr><th>run<th>split"
+            + "".join(f"<th>{html.escape(k)}" for k in summary({"accuracy": 0}))]
+    page += [f"<tr><td>{html.escape(n)}<td>{s}" + "".join(f"<td>{html.escape(v)}"
+                                                          for v in summary(m[s]).values())
+             for n, m, shown in runs for s in shown if s in m]
+    page.append("</table>")
     for key in ("L_next", "L_attn", "C/N"):  # the log, a curve for each
         v = [r[key] for r in runs[0][1]["log"]]
         y = lambda x: 57 - 54 * (x - min(v)) / ((max(v) - min(v)) or 1)
         xy = " ".join(f"{260 * i / max(1, len(v) - 1):.1f},{y(x):.1f}" for i, x in enumerate(v))
         page.append(f"<figure><svg width=260 height=60><polyline points='{xy}' fill=none "
-                    f"stroke=blue /></svg><figcaption>{key}: {v[0]:.3g} → {v[-1]:.3g}</figure>")
-    page.append("</table><table><tr><th>" + "".join(f"<th>{html.escape(n)}" for n, _, _ in runs))
+                    f"stroke=blue /></svg><figcaption>{key}: {v[0]:.3g} → {v[-1]:.3g}</figcaption></figure>")
+    page.append("<table><tr><th>" + "".join(f"<th>{html.escape(n)}" for n, _, _ in runs))
     for split, examples in runs[0][2].items():
         right = [e for e in examples if e["right"]]
         for ex in sorted(right[:3] + [e for e in examples if not e["right"]][:3],
