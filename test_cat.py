@@ -600,7 +600,8 @@ class Page(html.parser.HTMLParser):
         self.text.append(data)
 
 
-VOID = {"meta", "br", "img", "hr", "input", "link", "col", "wbr", "source", "area", "base", "embed", "track", "polyline"}
+VOID = {"meta", "br", "img", "hr", "input", "link", "col", "wbr", "source", "area", "base", "embed", "track",
+        "polyline"}
 
 
 class Nesting(html.parser.HTMLParser):
@@ -1214,7 +1215,8 @@ def test_number_baselines_computed_by_hand_and_the_model_before_tuning(smol):
     """The rules on rows worked by hand, and 'before tuning', SmolLM2's greedy answers as they are, scored here by an
     independent rule (the first number it writes, against the target's)."""
     model, tok = smol
-    rows = [{"input": "Tom has 3 apples and buys 4 more. How many apples does Tom have? Answer:", "target": "Answer: 7.0"},
+    rows = [{"input": "Tom has 3 apples and buys 4 more. How many apples does Tom have? Answer:",
+             "target": "Answer: 7.0"},
             {"input": "2 + 2 =", "target": "4"},
             {"input": "Mia had 10 pens and gave away 4. How many pens are left? Answer:", "target": "6 (pens)"},
             {"input": "Sam has 8 cars. How many cars does Sam have? Answer:", "target": "8"},
@@ -1768,7 +1770,8 @@ def run_one(folder, flags, threads):
         json.dump(done, open(stamp, "w"))
         print(f"{time.strftime('%H:%M')} {folder}: {done['seconds'] / 60:.1f} min", flush=True)
     with open(os.path.join(out, "metrics.json")) as f:
-        return dict(json.load(f), seconds=done["seconds"], peak_mb=done.get("peak_mb"), folder=folder)
+        return dict(json.load(f), seconds=done["seconds"], peak_mb=done.get("peak_mb"), code=done["code"],
+                    folder=folder)
 
 
 def run_many(jobs, at_once=None):
@@ -2608,7 +2611,8 @@ def math_alpha(runs):
     grid = [runs.get((f"CAT a{a:g}", MATH_GRID_SEED)) for a in MATH_GRID]
     if None in grid:
         return None
-    acting = [(r["figures"]["validation"]["accuracy"], -a) for a, r in zip(MATH_GRID, grid) if 2 * r["steps_attn"] > r["steps"]]
+    acting = [(r["figures"]["validation"]["accuracy"], -a) for a, r in zip(MATH_GRID, grid)
+              if 2 * r["steps_attn"] > r["steps"]]
     return -max(acting)[1] if acting else None
 
 
@@ -2619,7 +2623,7 @@ def math_line(arm, seed, flags, up, m, threads):
                                 **({"baselines": m[s]["baselines"]} if "baselines" in m[s] else {})}
                for s in MATH_SPLITS}
     return {"version": PAIRS_VERSION, "task": "mawps", "arm": arm, "seed": seed,
-            "flags": [f.replace(up, "$CAT_UPSTREAM") for f in flags], "code": code_hash(),
+            "flags": [f.replace(up, "$CAT_UPSTREAM") for f in flags], "code": m["code"],  # the code that ran
             "machine": machine_record(), "threads": threads, "runs_at_once": 2, "date": time.strftime("%Y-%m-%d"),
             "minutes": round(m["seconds"] / 60, 1), "peak_mb": m["peak_mb"], "steps": len(log),
             "steps_attn": sum(r["L_attn"] > 0 for r in log), "l_attn_mean": round(fmean(r["L_attn"] for r in log), 5),
@@ -2678,8 +2682,9 @@ def math_report(runs):
     pct = lambda xs: "{:.1f} ± {:.1f}".format(*mean_std([100 * x for x in xs])) if xs else "-"
     acc = lambda r, name: r["figures"][name]["accuracy"]
     out = [f"alpha grid, seed {MATH_GRID_SEED}: chosen on the {MATH_SPLITS['val']} rows (the test sets are shown, "
-           "not used)", "| alpha | validation | steps with L_attn > 0 | mean L_attn | C/N first → last | MAWPS | SVAMP | "
-           "ASDiv |", "|---|---|---|---|---|---|---|---|"]
+           "not used)",
+           "| alpha | validation | steps with L_attn > 0 | mean L_attn | C/N first → last | MAWPS | SVAMP | ASDiv |",
+           "|---|---|---|---|---|---|---|---|"]
     for arm, a in [*MATH_ARMS.items(), *((f"CAT a{a:g}", a) for a in MATH_GRID)]:
         if (r := runs.get((arm, MATH_GRID_SEED))):
             out.append(f"| {a:g} | {100 * acc(r, 'validation'):.1f} | {r['steps_attn']} of {r['steps']} | "
@@ -2703,7 +2708,8 @@ def math_report(runs):
     for arm in arms:
         rs = [runs[arm, s] for s in seeds]
         if rs:
-            out.append(f"| {arm} | {len(rs)} | " + " | ".join(pct([acc(r, n) for r in rs]) for n in MATH_SPLITS.values())
+            out.append(f"| {arm} | {len(rs)} | "
+                       + " | ".join(pct([acc(r, n) for r in rs]) for n in MATH_SPLITS.values())
                        + f" | {fmean(r['steps_attn'] for r in rs):.0f} of {rs[0]['steps']} | "
                        f"{fmean(r['cn_first'] for r in rs):.2f} → {fmean(r['cn_last'] for r in rs):.2f} | "
                        f"{fmean(r['minutes'] for r in rs):.1f} | {max(r['peak_mb'] for r in rs) / 1024:.1f} GB |")
