@@ -21,7 +21,7 @@ from collections import Counter
 import requests
 from requests.adapters import HTTPAdapter
 from tqdm import tqdm
-from urllib3.exceptions import MaxRetryError, NewConnectionError
+from urllib3.exceptions import InvalidHeader, MaxRetryError, NewConnectionError
 from urllib3.util import Retry
 
 # -----------------------------------------------------------------------------
@@ -120,33 +120,38 @@ parser = argparse.ArgumentParser(
     epilog="Exit status: 0, every row annotated; 1, some rows failed (in X.failed.jsonl: rerun to "
     "ask them again); 2, bad flags or input, or an endpoint that cannot be used (unreachable, "
     "401, 404): the run stops at once.")
-parser.add_argument("--task", help=f"prompt template from prompts/: {', '.join(TASKS)}")
-parser.add_argument("--prompt", help="your own template file; '{text}' marks where the row goes")
-parser.add_argument("--input", required=True, help="JSONL with input and target")
-parser.add_argument("--output", required=True, help="JSONL to write and resume from")
-parser.add_argument("--base-url", help="endpoint root (default: $OPENAI_BASE_URL, else OpenAI's)",
-                    default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"))
-parser.add_argument("--model", default="gpt-4o-mini", help="model name the endpoint knows")
-parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-parser.add_argument("--max-tokens", type=int, default=512, help="most tokens of one reply")
-parser.add_argument("--json-mode", action=argparse.BooleanOptionalAction, default=True,
-                    help="ask for a JSON object (response_format)")
-parser.add_argument("--workers", type=int, default=4, help="requests in flight at once")
-parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one reply")
-parser.add_argument("--retries", type=int, default=5, help="attempts per request (timeouts, 408, "
-                    "409, 429, 5xx), and per row whose reply cannot be used (asked warmer)")
-parser.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry, "
-                    "doubled each time, +-50%% jitter (Retry-After wins)")
-
+add = parser.add_argument
+add("--task", help=f"prompt template from prompts/: {', '.join(TASKS)}")
+add("--prompt", help="your own template file; '{text}' marks where the row goes")
+add("--input", required=True, help="JSONL with input and target")
+add("--output", required=True, help="JSONL to write and resume from")
+add("--base-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"),
+    help="endpoint root (default: $OPENAI_BASE_URL, else OpenAI's)")
+add("--model", default="gpt-4o-mini", help="model name the endpoint knows")
+add("--temperature", type=float, default=0.0, help="0: greedy")
+add("--max-tokens", type=int, default=512, help="most tokens of one reply")
+add("--json-mode", action=argparse.BooleanOptionalAction, default=True,
+    help="ask for a JSON object (response_format)")
+add("--workers", type=int, default=4, help="requests in flight at once")
+add("--timeout", type=float, default=120.0, help="seconds to wait for one reply")
+add("--retries", type=int, default=5, help="attempts per request (timeouts, replies cut off, "
+    "408, 409, 429, 5xx), and per row whose reply cannot be used (asked warmer)")
+add("--backoff", type=float, default=1.0, help="seconds before the first retry, doubled each "
+    "time, +-50%% jitter (Retry-After wins)")
 
 class RowFailed(Exception):
     """This row could not be annotated: the message says why."""
 
 
+def pause(backoff, failed):
+    """Seconds to wait after `failed` failed attempts: `backoff` doubled each time, +-50%, <= 300."""
+    return min(300.0, backoff * 2 ** (failed - 1) * random.uniform(0.5, 1.5)) if failed else 0
+
+
 class Backoff(Retry):
     """urllib3's Retry, waiting what the server asks (Retry-After, in seconds or as an HTTP date,
-    or retry-after-ms), else --backoff seconds doubled each time, +-50%; never over 300 s. A
-    refused connection or an unknown host is not retried: no row can work (Client.ask stops)."""
+    or retry-after-ms; a malformed one is ignored), else `pause`; never over 300 s. A refused
+    connection or an unknown host is not retried: no row can work (Client.ask stops)."""
 
     def increment(self, method=None, url=None, response=None, error=None, _pool=None,
                   _stacktrace=None):
@@ -155,19 +160,21 @@ class Backoff(Retry):
         return super().increment(method, url, response, error, _pool, _stacktrace)
 
     def get_backoff_time(self):
-        n = len(self.history)  # the attempts that failed so far
-        return min(300.0, self.backoff_factor * 2 ** (n - 1) * random.uniform(0.5, 1.5)) if n else 0
+        return pause(self.backoff_factor, len(self.history))  # the attempts that failed so far
 
     def get_retry_after(self, response):
         ms = response.headers.get("retry-after-ms")
-        seconds = float(ms) / 1000 if ms else super().get_retry_after(response)
+        try:
+            seconds = float(ms) / 1000 if ms else super().get_retry_after(response)
+        except (ValueError, InvalidHeader):  # 'Retry-After: soon': the backoff instead
+            return None
         return None if seconds is None else min(300.0, seconds)
 
 
 class Client:
     """The endpoint, through an HTTP session whose adapter retries timeouts, broken connections,
-    408, 409, 429 and 5xx (Backoff). `tally` counts every request and the tokens of every reply,
-    retries and re-asks included. After a Fatal answer, no request starts."""
+    408, 409, 429 and 5xx (Backoff); `ask` retries a reply cut off in its body. `tally` counts
+    every request and reply token, retries and re-asks included. After a Fatal, none starts."""
 
     def __init__(self, args, secret):
         self.args, self.url = args, args.base_url.rstrip("/") + "/chat/completions"
@@ -198,17 +205,26 @@ class Client:
                 "messages": [{"role": "user", "content": prompt}]}
         if self.args.json_mode:
             body["response_format"] = {"type": "json_object"}
-        try:
-            r = self.session.post(self.url, json=body, timeout=self.args.timeout)
-        except requests.ConnectionError as e:  # every attempt failed, or the first was refused
-            reason = getattr(e.args[0], "reason", e) if e.args else e
-            if isinstance(reason, NewConnectionError):  # refused, or no such host: no row can work
-                raise self.stop(f"cannot reach {self.url}: {str(reason).split('): ')[-1]}")
-            self.count(requests=self.args.retries)
-            raise RowFailed(f"gave up after {self.args.retries} attempts: {reason}") from None
-        except requests.RequestException as e:  # a malformed URL and the like
-            raise self.stop(f"{self.url}: {e}") from None
-        self.count(requests=1 + len(r.raw.retries.history))
+        for attempt in range(1, self.args.retries + 1):
+            try:  # the headers; the adapter retries what fails before them
+                r = self.session.post(self.url, json=body, timeout=self.args.timeout, stream=True)
+            except requests.ConnectionError as e:  # every attempt failed, or the first was refused
+                reason = getattr(e.args[0], "reason", e) if e.args else e
+                if isinstance(reason, NewConnectionError):  # refused, or no such host: no row works
+                    raise self.stop(f"cannot reach {self.url}: {str(reason).split('): ')[-1]}")
+                self.count(requests=self.args.retries)
+                raise RowFailed(f"gave up after {self.args.retries} attempts: {reason}") from None
+            except requests.RequestException as e:  # a malformed URL and the like
+                raise self.stop(f"{self.url}: {e}") from None
+            self.count(requests=1 + len(r.raw.retries.history))
+            try:  # the body: a connection dropped or timed out in it is retried here
+                r.content
+                break
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
+                r.close()
+                if attempt == self.args.retries:
+                    raise RowFailed(f"gave up after {attempt} replies cut off: {e}") from None
+                time.sleep(pause(self.args.backoff, attempt))
         error = f"HTTP {r.status_code}: {self.scrub(r.text[:300].strip())}"
         if r.status_code in (401, 404):  # a bad key, a wrong --model or --base-url
             raise self.stop(f"{self.url} refused the request ({error})")
@@ -298,30 +314,33 @@ def check_flags(args):
 
 
 def saved_rows(rows, path):
-    """{input index: row saved by an earlier run}, cutting a torn last line (a killed write) off
-    `path` first; identical input rows are matched one-to-one, in order."""
+    """({input index: row saved by an earlier run}, the saved rows that match no input row, in
+    their saved order: kept, never lost), cutting a torn last line (a killed write) off `path`
+    first; identical input rows are matched one-to-one, in order."""
     if not os.path.exists(path):
-        return {}
+        return {}, []
     with open(path, "rb+") as f:
         data = f.read()
         f.truncate(data.rfind(b"\n") + 1)
     key = lambda r: json.dumps({k: v for k, v in r.items() if k != "important"}, sort_keys=True)
-    saved = {}
-    for r in read_rows(path):
-        saved.setdefault(key(r), []).append(r)
-    return {i: saved[key(row)].pop(0) for i, row in enumerate(rows) if saved.get(key(row))}
+    saved, spare = read_rows(path), {}
+    for n, r in enumerate(saved):
+        spare.setdefault(key(r), []).append(n)  # the saved copies of each input row, in order
+    done = {i: spare[key(row)].pop(0) for i, row in enumerate(rows) if spare.get(key(row))}
+    taken = set(done.values())
+    return {i: saved[n] for i, n in done.items()}, [r for n, r in enumerate(saved) if n not in taken]
 
 
 def main(argv=None):
     args = parser.parse_args(argv)
     template = check_flags(args)
     rows = read_rows(args.input)
-    done = saved_rows(rows, args.output)
+    done, unmatched = saved_rows(rows, args.output)
     todo = [i for i in range(len(rows)) if i not in done]
     client, t0 = Client(args, os.environ.get("OPENAI_API_KEY", "")), time.time()
     failed_path, tally = re.sub(r"(\.jsonl)?$", ".failed.jsonl", args.output, count=1), client.tally
     print(f"{len(rows)} rows: {len(done)} saved by an earlier run, {len(todo)} to ask "
-          f"{args.base_url} ({args.model})")
+          f"{args.base_url} ({args.model}); {len(unmatched)} saved rows match no input row: kept")
     bar = tqdm(total=len(todo), desc="annotate", disable=None)
     with open(args.output, "a", encoding="utf-8") as out, \
             open(failed_path, "w", encoding="utf-8") as failed, \
@@ -346,9 +365,10 @@ def main(argv=None):
             pool.shutdown(wait=False, cancel_futures=True)
             raise
     bar.close()
-    # rewrite the output in input order; os.replace is atomic: a kill here leaves the old file
+    # rewrite the output in input order, then the rows of no input; os.replace is atomic
     with open(args.output + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(done[i], ensure_ascii=False) + "\n" for i in sorted(done))
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n"
+                     for r in [done[i] for i in sorted(done)] + unmatched)
     os.replace(args.output + ".tmp", args.output)
     if not tally["failed"]:
         os.remove(failed_path)

@@ -300,6 +300,7 @@ def generate(model, tokenizer, rows, args, device, amp):
     """The greedy answer to every row's prompt, --eval-batch-size prompts at a time."""
     model.eval()
     mine, predictions = my_share(range(len(rows))), {}  # Part II, torchrun: this rank's rows
+    mine = sorted(mine, key=lambda i: len(rows[i]["input"]))  # by length: half the padding
     for s in range(0, len(mine), args.eval_batch_size):
         batch = mine[s:s + args.eval_batch_size]
         # left-padded prompts without their trailing space: "Answer: " + "High" tokenizes as

@@ -1007,6 +1007,64 @@ def test_rows_path_matches_eager_on_the_built_in_model_with_gqa(stg_rows, tiny_t
     )
 
 
+SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=8, max_position_embeddings=256)
+# configs whose attention --attn rows computes exactly, sliding windows (4 tokens) far shorter than the rows included
+EXACT = {"mistral": dict(sliding_window=4), "gemma2": dict(sliding_window=4, attn_logit_softcapping=None,
+                                                           query_pre_attn_scalar=8),
+         "gemma3_text": dict(sliding_window=4, query_pre_attn_scalar=8,
+                             layer_types=["sliding_attention", "full_attention"]),
+         "qwen2": dict(sliding_window=4, use_sliding_window=True, max_window_layers=0,
+                       layer_types=["sliding_attention", "sliding_attention"])}
+
+
+def small_model(model_type, tokenizer, **extra):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=0, bos_token_id=2,
+                                  eos_token_id=3, **SMALL, **extra)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+@pytest.mark.parametrize("model_type", EXACT)
+def test_rows_path_probabilities_equal_eager_with_sliding_windows(stg_rows, tiny_tokenizer, model_type):
+    """For models that --attn rows accepts, the supervised rows' probabilities are eager attention's (same rows) to 1e-5
+    in float32, on a left-padded batch whose rows are longer than the sliding window; loss and gradients too."""
+    model = small_model(model_type, tiny_tokenizer, **EXACT[model_type]).eval()
+    batch = left_padded(cat.collate([cat.encode(tiny_tokenizer, r, 256)[0] for r in lengthened(stg_rows[:4])], 0))
+    ids, mask, _, queries, _, positions = batch
+    assert ids.shape[1] > 8 * 4 and (mask == 0).any()  # rows far longer than the window, and padding
+    inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, output_attentions=True)
+    with torch.no_grad():
+        eager = cat.at_rows(model(**inputs).attentions, queries)
+        model.set_attn_implementation("cat_rows")
+        rows = model(**inputs, cat_rows=queries).attentions
+    model.set_attn_implementation("eager")
+    assert max((a - b).abs().max().item() for a, b in zip(eager, rows)) <= 1e-5
+    cat.load_model(tiny_args("--attn", "rows"), stg_rows, torch.device("cpu"), None)  # accepted
+    rows_match_eager(model.train(), tiny_tokenizer, stg_rows[:6])
+
+
+@pytest.mark.parametrize("model_type, extra, reason", [
+    ("gemma2", dict(sliding_window=4, attn_logit_softcapping=50.0, query_pre_attn_scalar=8), "softcap"),
+    ("gpt_oss", dict(sliding_window=4, num_local_experts=2, num_experts_per_tok=1,
+                     layer_types=["sliding_attention", "full_attention"]), "s_aux"),
+])
+def test_rows_path_refuses_what_it_cannot_compute_before_training(tmp_path, tiny_tokenizer, model_type, extra, reason):
+    """Attention-logit softcapping (Gemma 2) and attention sinks (gpt-oss) change eager attention's probabilities in
+    ways rows_attention does not compute: cat.py refuses before training, in one line naming the model type and what
+    it passes to its attention, exit 2."""
+    small_model(model_type, tiny_tokenizer, **extra).save_pretrained(tmp_path / "model")
+    tiny_tokenizer.save_pretrained(tmp_path / "model")
+    stg.write_jsonl(tmp_path / "train.jsonl", stg.make_split("stg_e", "train", 8))
+    r = run_cat("--model", "model", "--attn", "rows", "--train", "train.jsonl", "--test", "", "--ood", "",
+                "--no-amp", cwd=tmp_path)
+    error = [line for line in r.stderr.splitlines() if "error" in line]  # beside transformers' loading bars
+    assert r.returncode == 2 and len(error) == 1 and error[0].startswith("cat.py: error: --attn rows: "), r.stderr
+    assert f"--attn rows: {model_type} passes {reason}" in error[0] and error[0].endswith("use --attn eager")
+    assert "step" not in r.stdout
+
+
 def test_rows_path_refuses_a_model_outside_the_interface(stg_rows, monkeypatch):
     from transformers import LlamaForCausalLM
     monkeypatch.setattr(LlamaForCausalLM, "_supports_attention_backend", False)
@@ -1328,6 +1386,7 @@ class Endpoint:
                     attempt = endpoint.attempts[text]
                     endpoint.log.append((time.time(), text, attempt, body, dict(self.headers)))
                 status, content, headers = endpoint.behave(text, attempt, self.headers.get("Authorization", ""))
+                cut = headers.pop("X-Cut", None)  # 'drop': the connection closes after half the body; 'stall': waits
                 if status == 200:  # a 'cut' row's reply stops at max_tokens, as a long one does
                     finish = "length" if re.search(r"row \d+ cut", text) else "stop"
                     content = json.dumps({"choices": [{"message": {"role": "assistant", "content": content},
@@ -1339,7 +1398,12 @@ class Endpoint:
                         self.send_header(k, v)
                     self.send_header("Content-Length", str(len(content.encode())))
                     self.end_headers()
-                    self.wfile.write(content.encode())
+                    data = content.encode()
+                    self.wfile.write(data[:len(data) // 2] if cut else data)
+                    if cut == "stall":
+                        self.wfile.flush()
+                        time.sleep(1.5)
+                    self.close_connection = self.close_connection or bool(cut)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout)
 
@@ -1370,6 +1434,10 @@ class Endpoint:
             return 429, '{"error": {"message": "slow down"}}', {"Retry-After": "1"}
         if kind == "ratems" and attempt == 1:
             return 429, '{"error": {"message": "slow down"}}', {"retry-after-ms": "300"}
+        if kind == "soon" and attempt == 1:  # a Retry-After that is no number of seconds and no date
+            return 429, '{"error": {"message": "slow down"}}', {"Retry-After": "soon"}
+        if kind in ("drop", "stall") and attempt == 1:
+            return 200, json.dumps(GOOD), {"X-Cut": kind}
         if (kind == "err500" and attempt <= 2) or kind == "always500":
             return 500, f'{{"error": {{"message": "overloaded, your key {auth}"}}}}', {}
         if kind == "busy" and attempt <= 3:
@@ -1695,6 +1763,43 @@ def test_annotate_retries_a_connection_that_times_out(tmp_path, endpoint, monkey
     assert 0.1 <= calls[1] - calls[0] < 0.6
 
 
+@pytest.mark.parametrize("kind", ["drop", "stall", "soon"])
+def test_annotate_retries_a_reply_cut_off_stalled_or_with_a_malformed_retry_after(tmp_path, endpoint, kind):
+    """The first reply closes its connection after half its body ('drop'), or stops sending for longer than --timeout
+    ('stall'), or is a 429 whose Retry-After says 'soon'; the second answers. Each is retried after --backoff: the row
+    is saved, exit 0, and the two requests are counted once each."""
+    stg.write_jsonl(tmp_path / "raw.jsonl", raw_rows([kind]))
+    server = endpoint()
+    r = subprocess.run([sys.executable, os.path.join(HERE, "annotate.py"),
+                        *annotate_args(tmp_path, server.url, "--backoff", "0.2", "--timeout", "1")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "| ok 1 (1 this run) | failed 0 |" in r.stdout and "| requests 2 |" in r.stdout and len(server.log) == 2
+    assert read(tmp_path / "out.jsonl")[0]["important"] == [{e: c} for e, c in GOOD.items()]
+    gap = server.log[1][0] - server.log[0][0]
+    assert 0.1 <= gap < (3 if kind == "stall" else 1.5), gap
+
+
+def test_annotate_keeps_saved_rows_that_match_no_input_row(tmp_path, endpoint):
+    """Annotate a file, then edit one of its rows and add two, and rerun into the same output: every row the first run
+    saved is still there (the edited row's old annotation after the rows of the input, counted on the first line)."""
+    rows = raw_rows(["good"] * 5)
+    stg.write_jsonl(tmp_path / "raw.jsonl", rows)
+    server = endpoint()
+    assert annotate.main(annotate_args(tmp_path, server.url))["ok"] == 5
+    first = read(tmp_path / "out.jsonl")
+    rows[2] = dict(rows[2], input=rows[2]["input"].replace("How many", "How many red"))
+    stg.write_jsonl(tmp_path / "raw.jsonl", rows + raw_rows(["good"] * 7)[5:])
+    r = subprocess.run([sys.executable, os.path.join(HERE, "annotate.py"), *annotate_args(tmp_path, server.url)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("7 rows: 4 saved by an earlier run, 3 to ask") and \
+        "; 1 saved rows match no input row: kept" in r.stdout.splitlines()[0]
+    after = read(tmp_path / "out.jsonl")
+    assert all(row in after for row in first) and len(after) == 8
+    assert [a["id"] for a in after] == [0, 1, 2, 3, 4, 5, 6, 2] and after[-1] == first[2]  # input order, then the rest
+
+
 def test_retry_after_forms():
     wait = lambda headers: annotate.Backoff().get_retry_after(types.SimpleNamespace(headers=headers))
     assert wait({"Retry-After": "7"}) == 7.0
@@ -1702,6 +1807,7 @@ def test_retry_after_forms():
     assert 27 <= wait({"Retry-After": email.utils.formatdate(time.time() + 30, usegmt=True)}) <= 31
     assert wait({"Retry-After": "86400"}) == 300.0  # never more than 300 s
     assert wait({}) is None
+    assert wait({"Retry-After": "soon"}) is None and wait({"retry-after-ms": "x"}) is None  # malformed: the backoff
 
 # -----------------------------------------------------------------------------
 # benchmarks: skipped unless named, `python -m pytest -s -k bench_NAME test_cat.py`. Each prints its figures, its
@@ -2631,23 +2737,21 @@ def math_line(arm, seed, flags, up, m, threads):
 
 
 def grow_math_record(up, budget_minutes):
-    """Run what the record lacks, two runs at a time (threads: cores / 2 each), each appended when it ends: first the
-    grid seed's vanilla, alpha 0.3 and grid runs; once the grid is in, seeds 42-47 of the three arms. No run starts
-    once the time spent and a run's estimated time (from the record, else 45 minutes) would pass the budget."""
+    """Run what the record lacks, two runs at a time (threads: cores / 2 each), each appended when it ends: the grid
+    (seed 42), then seeds 42-47 of vanilla and alpha 0.3, and of the grid's choice once it is known. No run starts
+    once the time spent and a run's estimated time (from the record, else 60 minutes) would pass the budget."""
     t0, lock, threads = time.time(), threading.Lock(), max(1, (os.cpu_count() or 2) // 2)
 
     def next_job():
         with lock:
             runs = read_math_record()
-            minutes = [r["minutes"] for r in runs.values()] or [45]
+            minutes = [r["minutes"] for r in runs.values()] or [60]
             if (time.time() - t0) / 60 + fmean(minutes) > budget_minutes:
                 return None
-            chosen = math_alpha(runs)
-            wanted = [(arm, a, MATH_GRID_SEED) for arm, a in MATH_ARMS.items()] + \
-                [(f"CAT a{a:g}", a, MATH_GRID_SEED) for a in MATH_GRID]
-            if chosen is not None:
-                arms = dict(MATH_ARMS, **{f"CAT a{chosen:g}": chosen})
-                wanted += [(arm, a, seed) for seed in PAIRS_SEEDS for arm, a in arms.items()]
+            chosen = math_alpha(runs)  # the grid first; the chosen arm's seeds join once it is known
+            arms = dict(MATH_ARMS, **({f"CAT a{chosen:g}": chosen} if chosen is not None else {}))
+            wanted = [(f"CAT a{a:g}", a, MATH_GRID_SEED) for a in MATH_GRID] + \
+                [(arm, a, seed) for seed in PAIRS_SEEDS for arm, a in arms.items()]
             for arm, alpha, seed in wanted:
                 if (arm, seed) not in runs and (arm, seed) not in started:
                     started.add((arm, seed))
@@ -2665,7 +2769,7 @@ def grow_math_record(up, budget_minutes):
             with lock:
                 with open(PAIRS_RECORD, "a", encoding="utf-8") as f:
                     f.write(json.dumps(math_line(arm, seed, flags, up, m, threads), ensure_ascii=False) + "\n")
-            print(f"{time.strftime('%H:%M')} record: mawps {arm} seed {seed} appended", flush=True)
+                print(f"{time.strftime('%H:%M')} record: mawps {arm} seed {seed} appended", flush=True)
             weights = os.path.join(BENCH, folder, "model.safetensors")
             if os.path.exists(weights):
                 os.remove(weights)  # the record holds what the study needs
