@@ -130,8 +130,7 @@ add("--base-url", default=os.environ.get("OPENAI_BASE_URL", "https://api.openai.
 add("--model", default="gpt-4o-mini", help="model name the endpoint knows")
 add("--temperature", type=float, default=0.0, help="0: greedy")
 add("--max-tokens", type=int, default=512, help="most tokens of one reply")
-add("--json-mode", action=argparse.BooleanOptionalAction, default=True,
-    help="ask for a JSON object (response_format)")
+add("--json-mode", action=argparse.BooleanOptionalAction, default=True, help="ask for JSON")
 add("--workers", type=int, default=4, help="requests in flight at once")
 add("--timeout", type=float, default=120.0, help="seconds to wait for one reply")
 add("--retries", type=int, default=5, help="attempts per request (timeouts, replies cut off, "
@@ -143,15 +142,11 @@ class RowFailed(Exception):
     """This row could not be annotated: the message says why."""
 
 
-def pause(backoff, failed):
-    """Seconds to wait after `failed` failed attempts: `backoff` doubled each time, +-50%, <= 300."""
-    return min(300.0, backoff * 2 ** (failed - 1) * random.uniform(0.5, 1.5)) if failed else 0
-
-
 class Backoff(Retry):
     """urllib3's Retry, waiting what the server asks (Retry-After, in seconds or as an HTTP date,
-    or retry-after-ms; a malformed one is ignored), else `pause`; never over 300 s. A refused
-    connection or an unknown host is not retried: no row can work (Client.ask stops)."""
+    or retry-after-ms; a malformed one is ignored), else --backoff seconds doubled each time,
+    +-50%; never over 300 s. A refused connection or an unknown host is not retried: no row can
+    work (Client.ask stops)."""
 
     def increment(self, method=None, url=None, response=None, error=None, _pool=None,
                   _stacktrace=None):
@@ -160,7 +155,8 @@ class Backoff(Retry):
         return super().increment(method, url, response, error, _pool, _stacktrace)
 
     def get_backoff_time(self):
-        return pause(self.backoff_factor, len(self.history))  # the attempts that failed so far
+        n = len(self.history)  # the attempts that failed so far
+        return min(300.0, self.backoff_factor * 2 ** (n - 1) * random.uniform(0.5, 1.5)) if n else 0
 
     def get_retry_after(self, response):
         ms = response.headers.get("retry-after-ms")
@@ -180,11 +176,11 @@ class Client:
         self.args, self.url = args, args.base_url.rstrip("/") + "/chat/completions"
         self.lock, self.tally, self.stopped = threading.Lock(), Counter(), None
         self.scrub = lambda text: text.replace(secret, "***") if secret else text  # the API key
-        retry = Backoff(total=args.retries - 1, allowed_methods=None,
-                        status_forcelist=[408, 409, 429, *range(500, 600)],
-                        backoff_factor=args.backoff, raise_on_status=False)
+        self.retry = Backoff(total=args.retries - 1, backoff_factor=args.backoff,
+                             status_forcelist=[408, 409, 429, *range(500, 600)],
+                             allowed_methods=None, raise_on_status=False)
         self.session = requests.Session()  # its connection pool serves every worker thread
-        self.session.mount(self.url, HTTPAdapter(max_retries=retry, pool_maxsize=args.workers))
+        self.session.mount(self.url, HTTPAdapter(max_retries=self.retry, pool_maxsize=args.workers))
         if secret:  # local servers need no key
             self.session.headers["Authorization"] = f"Bearer {secret}"
 
@@ -200,9 +196,8 @@ class Client:
         """The text of one chat completion, and whether --max-tokens cut it off."""
         if self.stopped:
             raise self.stopped
-        body = {"model": self.args.model, "temperature": temperature,
-                "max_tokens": self.args.max_tokens,
-                "messages": [{"role": "user", "content": prompt}]}
+        body = dict(model=self.args.model, temperature=temperature, max_tokens=self.args.max_tokens,
+                    messages=[{"role": "user", "content": prompt}])
         if self.args.json_mode:
             body["response_format"] = {"type": "json_object"}
         for attempt in range(1, self.args.retries + 1):
@@ -220,11 +215,10 @@ class Client:
             try:  # the body: a connection dropped or timed out in it is retried here
                 r.content
                 break
-            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
-                r.close()
+            except requests.RequestException as e:  # cut off, timed out: urllib3 closed it
                 if attempt == self.args.retries:
                     raise RowFailed(f"gave up after {attempt} replies cut off: {e}") from None
-                time.sleep(pause(self.args.backoff, attempt))
+                time.sleep(self.retry.new(history=(None,) * attempt).get_backoff_time())
         error = f"HTTP {r.status_code}: {self.scrub(r.text[:300].strip())}"
         if r.status_code in (401, 404):  # a bad key, a wrong --model or --base-url
             raise self.stop(f"{self.url} refused the request ({error})")
@@ -324,11 +318,11 @@ def saved_rows(rows, path):
         f.truncate(data.rfind(b"\n") + 1)
     key = lambda r: json.dumps({k: v for k, v in r.items() if k != "important"}, sort_keys=True)
     saved, spare = read_rows(path), {}
-    for n, r in enumerate(saved):
-        spare.setdefault(key(r), []).append(n)  # the saved copies of each input row, in order
+    for r in saved:
+        spare.setdefault(key(r), []).append(r)  # the saved copies of each input row, in order
     done = {i: spare[key(row)].pop(0) for i, row in enumerate(rows) if spare.get(key(row))}
-    taken = set(done.values())
-    return {i: saved[n] for i, n in done.items()}, [r for n, r in enumerate(saved) if n not in taken]
+    taken = {id(r) for r in done.values()}
+    return done, [r for r in saved if id(r) not in taken]
 
 
 def main(argv=None):

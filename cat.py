@@ -58,7 +58,7 @@ def encode(tokenizer, row, max_length):
 
 def collate(examples, pad_id):
     """Right-padded ids, mask, labels (B, T); the supervised rows' query positions (B, R), padded
-    with positions without causal columns (skipped by the loss); and their causal columns (B, R, T)."""
+    with positions that have no causal column (the loss skips them); their columns (B, R, T)."""
     B, T = len(examples), max(len(e["ids"]) for e in examples)
     R = max(1, max(len(e["adj"][:, 0].unique()) for e in examples))
     ids, labels, mask = torch.full((B, T), pad_id), torch.full((B, T), -100), torch.zeros(B, T)
@@ -109,9 +109,9 @@ def build_adjacency(tokenizer, text, important, max_length):
 # -----------------------------------------------------------------------------
 # the Re-Attention loss (paper, Section 4.2)
 def row_masks(adj, queries, mask):
-    """For the query positions `queries` (B, R) of a batch with attention mask `mask` (B, T) and their
-    adjacency `adj` (B, R, T): the causal columns and the other real columns j <= i, (B, R, T)
-    each, and the supervised rows, which have both (B, R). Padding may be on either side."""
+    """For the query positions `queries` (B, R) of a batch with attention mask `mask` (B, T) and
+    their adjacency `adj` (B, R, T): the causal columns and the other real columns j <= i,
+    (B, R, T) each, and the supervised rows, which have both (B, R). Padding on either side."""
     past = (torch.arange(adj.shape[-1], device=adj.device) <= queries[..., None]) \
         & mask[:, None, :].bool()                               # (B, R, T) real tokens j <= i
     causal = adj * past                                         # (B, R, T) A_ij, j <= i
@@ -120,10 +120,10 @@ def row_masks(adj, queries, mask):
 
 
 def re_attention_loss(maps, adj, queries, mask, alpha, n_rows=None):
-    """`maps`: the L layers' attention at the query positions `queries` (B, R), each (B, H, R, T); `adj`:
-    those rows of the adjacency (B, R, T); `mask`: the attention mask (B, T). Returns (L_attn,
-    mean C/N), sums over the supervised rows divided by `n_rows`, the whole step's count, so that
-    micro-batches and ranks add up to the step's means (default: this batch's count)."""
+    """`maps`: the L layers' attention at the query positions `queries` (B, R), (B, H, R, T) each;
+    `adj`: those rows of the adjacency (B, R, T); `mask`: the attention mask (B, T). Returns
+    (L_attn, mean C/N), sums over the supervised rows divided by `n_rows`, the whole step's count,
+    so that micro-batches and ranks add up to the step's means (default: this batch's count)."""
     # Ā = 1/(L·H) Σ_l Σ_h softmax(Q_lh K_lhᵀ / √d_k), summed in float32 (no stacked copy)
     avg = sum(a.mean(dim=1, dtype=torch.float32) for a in maps) / len(maps)   # (B, R, T)
     causal, other, supervised = row_masks(adj.to(avg.dtype), queries, mask)
@@ -147,7 +147,8 @@ def at_rows(maps, queries):
 
 
 def forward(model, args, queries, **inputs):
-    """(model output, the L layers' attention at the query positions `queries` (B, R): (B, H, R, T))."""
+    """(model output, the L layers' attention at the query positions `queries` (B, R):
+    (B, H, R, T) each)."""
     if args.attn == "rows":  # Part II's rows_attention computes those rows alone
         out = model(**inputs, output_attentions=True, cat_rows=queries)
         return out, out.attentions
@@ -183,7 +184,7 @@ def load_model(args, train_rows, device, amp):
     if args.attn == "rows" and not model._supports_attention_backend:
         raise BadInput(f"--attn rows: {type(model).__name__} does not route attention through "
                        "transformers' AttentionInterface; use --attn eager")
-    if args.attn == "rows":  # one token through every layer: what rows_attention cannot do, it refuses
+    if args.attn == "rows":  # one token through every layer: rows_attention refuses what it can't
         with torch.no_grad():
             model(input_ids=torch.zeros(1, 1, dtype=torch.long), cat_rows=torch.zeros(1, 1).long())
     if args.lora and not hasattr(model, "peft_config"):
@@ -296,8 +297,12 @@ KINDS = ("causal", "spurious", "irrelevant", "first")  # the tokens whose shares
 
 
 @torch.no_grad()
-def generate(model, tokenizer, rows, args, device, amp):
-    """The greedy answer to every row's prompt, --eval-batch-size prompts at a time."""
+def evaluate(model, tokenizer, rows, args, device, amp, keep=24):
+    """Accuracy of greedy decoding on every row, and the predictions; for labels and letters, the
+    share of each answer; over the first --analysis-rows rows with `factors`, the mean share of
+    the answer row's attention (by layer, and overall) and gradient x input on each kind of token
+    (paper, Figure 3). Also returns the first `keep` rows' tokens and attention, for the report;
+    keep=0: accuracy alone, nothing measured."""
     model.eval()
     mine, predictions = my_share(range(len(rows))), {}  # Part II, torchrun: this rank's rows
     mine = sorted(mine, key=lambda i: len(rows[i]["input"]))  # by length: half the padding
@@ -313,22 +318,13 @@ def generate(model, tokenizer, rows, args, device, amp):
         texts = tokenizer.batch_decode(new[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         predictions.update(zip(batch, texts))
     every = gather(predictions)  # Part II, torchrun: every rank's predictions
-    return [every[i] for i in range(len(rows))]
-
-
-@torch.no_grad()
-def evaluate(model, tokenizer, rows, args, device, amp, keep=24):
-    """Accuracy of greedy decoding on every row, and the predictions; for labels and letters, the
-    share of each answer; over the first --analysis-rows rows with `factors`, the mean share of
-    the answer row's attention (by layer, and overall) and gradient x input on each kind of token
-    (paper, Figure 3). Also returns the first `keep` rows' tokens and attention, for the report."""
-    predictions = generate(model, tokenizer, rows, args, device, amp)
+    predictions = [every[i] for i in range(len(rows))]
     right = [is_correct(p, r["target"]) for p, r in zip(predictions, rows)]
     result = {"accuracy": sum(right) / len(rows), "predictions": predictions}
     if isinstance(answer_of(str(rows[0]["target"]), rows[0]["target"]), str):  # labels, letters
         answers = Counter(str(answer_of(p, r["target"])) for p, r in zip(predictions, rows))
         result["answers"] = {a: round(n / len(rows), 5) for a, n in answers.most_common()}
-    n = min(len(rows), args.analysis_rows or len(rows))
+    n = min(len(rows), args.analysis_rows or len(rows)) if keep else 0
     looks = gather(answer_row_looks(model, tokenizer, rows, my_share(range(n)), args, device, amp))
     factored = [looks[i] for i in range(n) if "factors" in rows[i]]
     if factored:
@@ -424,10 +420,9 @@ def needs(kind, ok, what):
 
 
 class Help(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):  # a default of None: the model's DEFAULTS, or the help's
-        if action.default is None:
-            return action.help + " (default: model's default, DEFAULTS)" * (action.dest in PAPER)
-        return super()._get_help_string(action)
+    def _get_help_string(self, a):  # a default of None: the model's DEFAULTS, or said in the help
+        model = " (default: model's default, DEFAULTS)" * (a.dest in PAPER)
+        return a.help + model if a.default is None else super()._get_help_string(a)
 
 
 count = needs(int, lambda v: v >= 1, "at least 1")
@@ -882,8 +877,8 @@ def baselines(model, tokenizer, train_rows, rows, args, device, amp):
         return stg.baselines(train_rows, rows)
     if isinstance(answer_of(str(rows[0]["target"]), rows[0]["target"]), str):
         return {}
-    before = generate(model, tokenizer, rows, args, device, amp)
-    refs = {"before tuning": sum(map(is_correct, before, (r["target"] for r in rows))) / len(rows)}
+    before = evaluate(model, tokenizer, rows, args, device, amp, keep=0)[0]["accuracy"]
+    refs = {"before tuning": before}
     xs = [[float(n.replace(",", "")) for n in re.findall(NUMBER, r["input"])] for r in rows]
     for name, (need, rule) in RULES.items():
         refs[name] = sum(same(rule(x) if len(x) >= need else None, target_number(r["target"]))
@@ -909,7 +904,8 @@ def summary(m):
     return {"accuracy": f"{100 * m['accuracy']:.2f}%",
             "answers": ", ".join(f"{a} {100 * s:.1f}%" for a, s in m.get("answers", {}).items()),
             "baselines": describe_baselines(m["baselines"]) if "baselines" in m else "",
-            f"attention: {' / '.join(KINDS)}": share("attention"), "gradient x input": share("gradxinput")}
+            f"attention: {' / '.join(KINDS)}": share("attention"),
+            "gradient x input": share("gradxinput")}
 
 
 def describe(name, n, m):
@@ -969,7 +965,8 @@ def report(runs):
         y = lambda x: 57 - 54 * (x - min(v)) / ((max(v) - min(v)) or 1)
         xy = " ".join(f"{260 * i / max(1, len(v) - 1):.1f},{y(x):.1f}" for i, x in enumerate(v))
         page.append(f"<figure><svg width=260 height=60><polyline points='{xy}' fill=none "
-                    f"stroke=blue /></svg><figcaption>{key}: {v[0]:.3g} → {v[-1]:.3g}</figcaption></figure>")
+                    f"stroke=blue /></svg><figcaption>{key}: {v[0]:.3g} → {v[-1]:.3g}"
+                    "</figcaption></figure>")
     page.append("<table><tr><th>" + "".join(f"<th>{html.escape(n)}" for n, _, _ in runs))
     for split, examples in runs[0][2].items():
         right = [e for e in examples if e["right"]]
