@@ -134,7 +134,7 @@ def re_attention_loss(maps, adj, queries, mask, alpha, n_rows=None):
     N = (avg * other).sum(-1) / other.sum(-1).clamp(min=1)     # (B, R)
     ratio = C / N.clamp(min=1e-12)                              # (B, R) finite: so are gradients
     # L_attn = Σ_i max(0, α - C_i / N_i). The paper writes a sum over rows; like the authors'
-    # code, we take the mean over supervised rows, so the loss does not grow with the links.
+    # myloss.py, we take the mean over supervised rows (so γ's weight is per row, not per link).
     hinge = torch.where(supervised, (alpha - ratio).clamp(min=0), 0)  # (B, R)
     n = max(1, int(supervised.sum()) if n_rows is None else n_rows)
     return hinge.sum() / n, torch.where(supervised, ratio, 0).sum().detach() / n
@@ -230,7 +230,8 @@ def losses(model, examples, args, pad_id, device, amp, counts):
     layers = model.config.get_text_config().num_hidden_layers
     assert len(maps) == layers and all(a.requires_grad for a in maps), "need one attention map " \
         "per layer that requires grad: eager or rows attention, no reentrant checkpointing"
-    # L_next = -1/N Σ_t log P(x_{t+1} | x_<=t), over the N answer tokens of the step
+    # L_next = -1/N Σ_t log P(x_{t+1} | x_<=t), the mean over the N answer tokens of the step (the
+    # paper writes a sum over all tokens; the authors' train_general.py, the mean over the answer)
     logits = out.logits.float().flatten(0, 1)                          # (B·P, vocab)
     l_next = F.cross_entropy(logits, labels[:, keep + 1].flatten(), ignore_index=-100,
                              reduction="sum") / max(1, counts[0])
@@ -250,7 +251,7 @@ def train(model, data, args, pad_id, device, amp, checkpoint=None, fingerprint=N
     step, log, first_epoch = restore(checkpoint, trained, opt, order_rng)  # Part II: 0, [], 0
     model.train()
     for epoch in range(first_epoch, args.epochs):
-        # γ = e^(-epoch) (paper, Section 5.1): the attention loss fades as the epochs go by
+        # γ = e^(-epoch), epochs from 0 (paper, Section 5.1): the attention loss fades away
         gamma = math.exp(-epoch) if args.gamma_decay else 1.0
         order = torch.randperm(len(data), generator=order_rng).tolist()
         micro = [order[i:i + args.batch_size] for i in range(0, len(order), args.batch_size)]
@@ -399,8 +400,8 @@ def main(argv=None):
 # gamma = exp(-epoch)) with 16 rows x 4 micro-batches a step, the argparse defaults of the
 # authors' train_general.py (github.com/Kairong-Han/CAT at commit 127dfd0; test1_example.py has
 # the same), whose other defaults the paper overrides (lr 1e-3, 10 epochs, alpha 2, loss "div"),
-# and alpha 0.2. The built-in model: what it needs to learn STG from scratch. SmolLM2: chosen on
-# validation rows (README, appendix D).
+# and alpha 0.2, the paper's for all weights on STG_H (0.6 for TinyLlama on STG_E). The built-in
+# model: what it needs to learn STG from scratch. SmolLM2: chosen on validation rows (README, D).
 PAPER = dict(alpha=0.2, gamma_decay=True, epochs=6, lr=5e-5, batch_size=16, grad_accum=4)
 SMOL = dict(alpha=0.37, gamma_decay=True, epochs=3, lr=1e-4, batch_size=8, grad_accum=1)
 DEFAULTS = {"tiny": dict(alpha=2.0, gamma_decay=False, epochs=40, lr=1e-3, batch_size=32,

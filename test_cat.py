@@ -2592,47 +2592,14 @@ def grow_record(budget_minutes):
 
 
 def pairs_report(record):
-    """The study's tables, from the whole record (complete seeds of this PAIRS_VERSION)."""
-    pct = lambda xs: "{:.1f} ± {:.1f}".format(*mean_std([100 * x for x in xs])) if xs else "-"
-    ci = lambda d: "{:+.2f} ± {:.2f}".format(*interval(d))
-    out = ["| regime | arm | n | validation | IID | OOD | 'Low Risk' answers, IID / OOD % | OOD where the shortcut "
-           "is wrong (always 'Low Risk' there) | steps with L_attn > 0 | C/N first → last step |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    for regime, arms in PAIRS_ARMS.items():
-        seeds = sorted(s for g, s in record if g == regime)
-        for arm in arms:
-            rs = [record[regime, s][arm] for s in seeds]
-            f = lambda split, key: [r["figures"][split][key] for r in rs]
-            if not rs:
-                continue
-            out.append(
-                f"| {regime} | {arm} | {len(rs)} | {pct(f('val', 'accuracy'))} | {pct(f('iid', 'accuracy'))} | "
-                f"{pct(f('ood', 'accuracy'))} | {100 * mean_std(f('iid', 'low_risk'))[0]:.0f} / "
-                f"{100 * mean_std(f('ood', 'low_risk'))[0]:.0f} | {pct(f('ood', 'disagree'))} "
-                f"({100 * rs[0]['figures']['ood']['disagree_low_risk']:.1f}, "
-                f"{rs[0]['figures']['ood']['disagree_rows']} rows) | "
-                f"{mean_std([r['steps_attn'] for r in rs])[0]:.0f} of {rs[0]['steps']} | "
-                f"{mean_std([r['cn_first'] for r in rs])[0]:.2f} → {mean_std([r['cn_last'] for r in rs])[0]:.2f} |"
-            )
+    """The study's tables, from the whole record (complete seeds of this PAIRS_VERSION): README appendix A's
+    (stg_tables), then when CAT helps beside the paper's cells, and the minutes a run."""
+    tables = stg_tables(record)
     base = next(iter(record.values()))["vanilla"]["figures"]
-    out.append(f"\nbaselines, IID: {stg.describe_baselines(base['iid']['baselines'])}; OOD: "
-               f"{stg.describe_baselines(base['ood']['baselines'])}")
-    out += [
-        "\nCAT - vanilla, paired by seed: mean ± half-width of the 95% t-interval, in points",
-        "| regime | arm | n | IID | OOD | OOD where the shortcut is wrong | authors' scoring, IID | authors' scoring, "
-        "OOD |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for regime, arms in PAIRS_ARMS.items():
-        seeds = sorted(s for g, s in record if g == regime)
-        for arm in list(arms)[1:]:
-            if not seeds:
-                continue
-            d = lambda split, get: [100 * (get(record[regime, s][arm]["figures"][split])
-                                           - get(record[regime, s]["vanilla"]["figures"][split])) for s in seeds]
-            acc, disagree, authors = (lambda x: x["accuracy"]), (lambda x: x["disagree"]), (lambda x: x["authors"])
-            out.append(f"| {regime} | {arm} | {len(seeds)} | {ci(d('iid', acc))} | {ci(d('ood', acc))} | "
-                       f"{ci(d('ood', disagree))} | {ci(d('iid', authors))} | {ci(d('ood', authors))} |")
+    out = [markdown(*tables["stg arms"]), f"\nbaselines, IID: {stg.describe_baselines(base['iid']['baselines'])}; "
+           f"OOD: {stg.describe_baselines(base['ood']['baselines'])}",
+           "\nCAT - vanilla, paired by seed: mean ± half-width of the 95% t-interval, in points",
+           markdown(*tables["stg pairs"])]
     out += ["\nwhen does it help: vanilla's OOD minus always 'Low Risk', beside CAT's OOD gain (points)",
             "| source | vanilla OOD - majority | CAT - vanilla, OOD |", "|---|---|---|"]
     for (regime, seed), arms in sorted(record.items()):
@@ -2650,6 +2617,163 @@ def pairs_report(record):
     out += [f"{m}, regime {g}: {mean_std(v)[0]:.1f} (n {len(v)}, {min(v):.1f} to {max(v):.1f})"
             for (m, g), v in sorted(by_machine.items())]
     return "\n".join(out)
+
+
+# -----------------------------------------------------------------------------
+# the README's tables of measured runs, cell by cell from the records under results/: the benchmarks print them, and
+# test_readme_tables_are_what_the_records_give checks every one the README shows (marked '<!-- from RECORD: NAME -->')
+
+def markdown(header, rows):
+    return "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header), *rows])
+
+
+def arm_label(arm):
+    """'CAT a0.6' -> 'CAT α 0.6'."""
+    return re.sub(r"\ba(?=\d)", "α ", arm)
+
+
+def spread(xs, fmt="{:.0f}"):
+    """'12 to 27' (or '0' where all are equal)."""
+    lo, hi = min(xs), max(xs)
+    return fmt.format(lo) if lo == hi else f"{fmt.format(lo)} to {fmt.format(hi)}"
+
+
+def stg_tables(record):
+    """{name: (header, rows)} of the STG pairs study (README appendix A), from its complete seeds."""
+    pct = lambda xs: "{:.1f} ± {:.1f}".format(*mean_std([100 * x for x in xs]))
+    ci = lambda d: "{:+.2f} ± {:.2f}".format(*interval(d)).replace("-", "−")
+    arms_rows, pair_rows = [], []
+    for regime, arms in PAIRS_ARMS.items():
+        seeds = sorted(s for g, s in record if g == regime)
+        for arm in arms:
+            rs = [record[regime, s][arm] for s in seeds]
+            f = lambda split, key: [r["figures"][split][key] for r in rs]
+            arms_rows.append([f"{regime} {arm_label(arm)}", pct(f("val", "accuracy")), pct(f("iid", "accuracy")),
+                              pct(f("ood", "accuracy")), f"{100 * fmean(f('iid', 'low_risk')):.0f} / "
+                              f"{100 * fmean(f('ood', 'low_risk')):.0f} %", pct(f("ood", "disagree")),
+                              f"{spread([r['steps_attn'] for r in rs])} of {rs[0]['steps']}",
+                              f"{fmean(r['cn_first'] for r in rs):.2f} → {fmean(r['cn_last'] for r in rs):.2f}"])
+            if arm == "vanilla":
+                continue
+            d = lambda split, key: [100 * (record[regime, s][arm]["figures"][split][key]
+                                           - record[regime, s]["vanilla"]["figures"][split][key]) for s in seeds]
+            pair_rows.append([f"{regime} {arm_label(arm)}", str(len(seeds)), ci(d("iid", "accuracy")),
+                              ci(d("ood", "accuracy")), ci(d("ood", "disagree")),
+                              f"{ci(d('iid', 'authors'))} / {ci(d('ood', 'authors'))}",
+                              f"{spread([r['steps_attn'] for r in rs])} of {rs[0]['steps']}"])
+    return {
+        "stg arms": (["regime, arm", "validation", "IID", "OOD", '"Low Risk" answers, IID / OOD',
+                      "OOD where the shortcut is wrong", "steps with L_attn > 0", "C/N first → last step"],
+                     arms_rows),
+        "stg pairs": (["regime, arm", "n", "IID", "OOD", "OOD where the shortcut is wrong",
+                       "authors' scoring, IID / OOD", "steps with L_attn > 0"], pair_rows)}
+
+
+def math_tables(runs):
+    """{name: (header, rows)} of the MAWPS study (README appendix B): the alpha grid, the arms over the seeds complete
+    in every arm, CAT - vanilla paired by seed, and the references."""
+    pct = lambda xs: "{:.1f} ± {:.1f}".format(*mean_std([100 * x for x in xs])) if len(xs) > 1 else \
+        f"{100 * xs[0]:.1f}"
+    acc = lambda r, name: r["figures"][name]["accuracy"]
+    tests = ("MAWPS", "SVAMP", "ASDiv")
+    grid = []
+    for a in MATH_GRID:  # the arms' own seed-42 runs are in the arms table
+        if (r := runs.get((f"CAT a{a:g}", MATH_GRID_SEED))):
+            grid.append([f"{a:g}", f"{100 * acc(r, 'validation'):.1f}", f"{r['steps_attn']} of {r['steps']}",
+                         f"{r['l_attn_mean']:.4f}", f"{r['cn_first']:.2f} → {r['cn_last']:.2f}",
+                         *(f"{100 * acc(r, n):.1f}" for n in tests)])
+    chosen = math_alpha(runs)
+    arms = dict(MATH_ARMS, **({f"CAT a{chosen:g}": chosen} if chosen is not None else {}))
+    seeds = [s for s in PAIRS_SEEDS if all((arm, s) in runs for arm in arms)]
+    arm_rows, pair_rows = [], []
+    for arm in arms:
+        rs = [runs[arm, s] for s in seeds]
+        if rs:
+            arm_rows.append([arm_label(arm), str(len(rs)),
+                             *(pct([acc(r, n) for r in rs]) for n in MATH_SPLITS.values()),
+                             f"{spread([r['steps_attn'] for r in rs])} of {rs[0]['steps']}",
+                             f"{fmean(r['cn_first'] for r in rs):.2f} → {fmean(r['cn_last'] for r in rs):.2f}"])
+        if arm != "vanilla" and len(seeds) > 1:
+            d = lambda n: [100 * (acc(runs[arm, s], n) - acc(runs["vanilla", s], n)) for s in seeds]
+            pair_rows.append([arm_label(arm), str(len(seeds)), *("{:+.2f} ± {:.2f}".format(*interval(d(n)))
+                                                                 .replace("-", "−") for n in MATH_SPLITS.values())])
+    refs = []
+    if runs:
+        first = next(iter(runs.values()))["figures"]
+        for n in tests:
+            b = first[n]["baselines"]
+            refs.append([n, str(first[n]["rows"]), f"{100 * b['before tuning']:.1f}",
+                         *(f"{100 * b[k]:.1f}" for k in cat.RULES), b["best"]])
+    return {"mawps grid": (["α", "validation", "steps with L_attn > 0", "mean L_attn", "C/N first → last",
+                            *tests], grid),
+            "mawps arms": (["arm", "n", *MATH_SPLITS.values(), "steps with L_attn > 0", "C/N first → last"],
+                           arm_rows),
+            "mawps pairs": (["arm", "n", *MATH_SPLITS.values()], pair_rows),
+            "mawps references": (["test set", "rows", "before tuning", *cat.RULES, "best rule"], refs)}
+
+
+README_TABLE = re.compile(r"<!-- from (results/[\w.]+): ([\w ]+) -->\n((?:\|.*\|\n)+)")
+
+
+def readme_tables(text):
+    """{name: (record, header, rows)} of the README's tables marked '<!-- from RECORD: NAME -->'."""
+    out = {}
+    for record, name, table in README_TABLE.findall(text):
+        lines = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.strip().splitlines()]
+        out[name] = (record, lines[0], lines[2:])
+    return out
+
+
+def table_errors(readme, tables):
+    """Each cell of the README's marked tables that the records do not give: 'table, row, column: ...'."""
+    errors = []
+    for name, (_, header, rows) in readme.items():
+        want_header, want_rows = tables[name]
+        if header != want_header:
+            errors.append(f"{name}: header {header} != {want_header}")
+        if len(rows) != len(want_rows):
+            errors.append(f"{name}: {len(rows)} rows, the record gives {len(want_rows)}")
+        for row, want in zip(rows, want_rows):
+            for column, got, cell in zip(want_header, row, want):
+                if got != cell:
+                    errors.append(f"{name}, row '{want[0]}', column '{column}': the README says {got!r}, the record "
+                                  f"gives {cell!r}")
+    return errors
+
+
+def test_readme_tables_are_what_the_records_give():
+    """Every README table marked as measured from a record under results/ is recomputed from the record, cell by cell;
+    so are the intervals the verdict quotes. A changed number fails with its table, row and column (checked here by
+    changing one digit in every marked table)."""
+    text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    tables = {**stg_tables(read_record()), **math_tables(read_math_record())}
+    readme = readme_tables(text)
+    assert {"stg arms", "stg pairs"} <= set(readme) and set(readme) <= set(tables), set(readme)
+    assert all(record == "results/smollm2_pairs.jsonl" for record, _, _ in readme.values())
+    assert table_errors(readme, tables) == []
+    verdict = text[text.index("**Does it work?**"):].split("\n\n")[0]
+    cells = {c for _, rows in tables.values() for row in rows for c in row}
+    quoted = re.findall(r"[+−]\d+\.\d+ ± \d+\.\d+", verdict)
+    assert quoted and all(any(q in c for c in cells) for q in quoted), (quoted, verdict)
+    for name, (_, header, rows) in filter(lambda t: t[1][2], readme.items()):  # one digit changed in each table
+        k = next(j for j, c in enumerate(rows[-1]) if re.search(r"\d", c) and j)
+        changed = [*rows[:-1], [*rows[-1][:k], re.sub(r"\d", lambda m: str((int(m[0]) + 1) % 10), rows[-1][k], 1),
+                                *rows[-1][k + 1:]]]
+        assert table_errors({name: ("", header, changed)}, tables) == [
+            f"{name}, row '{rows[-1][0]}', column '{header[k]}': the README says {changed[-1][k]!r}, the record "
+            f"gives {rows[-1][k]!r}"]
+
+
+def test_gamma_is_one_then_e_to_the_minus_epoch(tmp_path):
+    """γ = e^-epoch with --gamma-decay, epochs counted from 0 as in the paper's Section 5.1 and the authors'
+    train_general.py (Amp = exp(-epoch)): 1, e^-1, e^-2 in the step log of epochs 0, 1, 2; 1 throughout without it."""
+    stg.write_jsonl(tmp_path / "train.jsonl", stg.make_split("stg_e", "train", 16))
+    for decay in ("--gamma-decay", "--no-gamma-decay"):
+        m = cat.main(["--train", str(tmp_path / "train.jsonl"), "--test", "", "--ood", "", "--epochs", "3",
+                      "--batch-size", "8", "--log-every", "0", "--out", str(tmp_path / decay), decay])
+        assert [r["epoch"] for r in m["log"]] == [0, 0, 1, 1, 2, 2]
+        want = [math.exp(-r["epoch"]) if decay == "--gamma-decay" else 1.0 for r in m["log"]]
+        assert [r["gamma"] for r in m["log"]] == pytest.approx(want, rel=1e-12) and want[0] == 1.0
 
 
 @bench
@@ -2782,52 +2906,27 @@ def grow_math_record(up, budget_minutes):
 
 
 def math_report(runs):
-    """The study's tables, from the record's MAWPS lines."""
-    pct = lambda xs: "{:.1f} ± {:.1f}".format(*mean_std([100 * x for x in xs])) if xs else "-"
-    acc = lambda r, name: r["figures"][name]["accuracy"]
-    out = [f"alpha grid, seed {MATH_GRID_SEED}: chosen on the {MATH_SPLITS['val']} rows (the test sets are shown, "
-           "not used)",
-           "| alpha | validation | steps with L_attn > 0 | mean L_attn | C/N first → last | MAWPS | SVAMP | ASDiv |",
-           "|---|---|---|---|---|---|---|---|"]
-    for arm, a in [*MATH_ARMS.items(), *((f"CAT a{a:g}", a) for a in MATH_GRID)]:
-        if (r := runs.get((arm, MATH_GRID_SEED))):
-            out.append(f"| {a:g} | {100 * acc(r, 'validation'):.1f} | {r['steps_attn']} of {r['steps']} | "
-                       f"{r['l_attn_mean']:.4f} | {r['cn_first']:.2f} → {r['cn_last']:.2f} | "
-                       + " | ".join(f"{100 * acc(r, n):.1f}" for n in ("MAWPS", "SVAMP", "ASDiv")) + " |")
-    chosen = math_alpha(runs)
-    out.append(f"chosen: alpha {chosen:g}" if chosen is not None else "chosen: none yet (the grid is not complete)")
-    arms = dict(MATH_ARMS, **({f"CAT a{chosen:g}": chosen} if chosen is not None else {}))
-    seeds = [s for s in PAIRS_SEEDS if all((arm, s) in runs for arm in arms)]
-    any_run = next(iter(runs.values()))
-    out += ["\nreferences (the model before tuning: greedy, the same prompts; rules on the question's numbers):"]
-    for name in ("MAWPS", "SVAMP", "ASDiv"):
-        f = any_run["figures"][name]
-        before = sorted({r["figures"][name]["baselines"]["before tuning"] for r in runs.values()})
-        out.append(f"{name} ({f['rows']} rows): {cat.describe_baselines(f['baselines'])}"
-                   + (f"; before tuning varies by run: {', '.join(f'{100 * b:.1f}' for b in before)}"
-                      if len(before) > 1 else ""))
-    out += [f"\narms over the {len(seeds)} seeds complete in every arm ({', '.join(map(str, seeds))}), mean ± sd:",
-            "| arm | n | validation | MAWPS | SVAMP | ASDiv | steps with L_attn > 0 | C/N first → last | minutes | "
-            "peak memory |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for arm in arms:
-        rs = [runs[arm, s] for s in seeds]
-        if rs:
-            out.append(f"| {arm} | {len(rs)} | "
-                       + " | ".join(pct([acc(r, n) for r in rs]) for n in MATH_SPLITS.values())
-                       + f" | {fmean(r['steps_attn'] for r in rs):.0f} of {rs[0]['steps']} | "
-                       f"{fmean(r['cn_first'] for r in rs):.2f} → {fmean(r['cn_last'] for r in rs):.2f} | "
-                       f"{fmean(r['minutes'] for r in rs):.1f} | {max(r['peak_mb'] for r in rs) / 1024:.1f} GB |")
-    out += ["\nCAT - vanilla, paired by seed: mean ± half-width of the 95% t-interval, in points (n seeds)",
-            "| arm | n | validation | MAWPS | SVAMP | ASDiv |", "|---|---|---|---|---|---|"]
-    for arm in list(arms)[1:]:
-        if seeds:
-            d = lambda n: [100 * (acc(runs[arm, s], n) - acc(runs["vanilla", s], n)) for s in seeds]
-            out.append(f"| {arm} | {len(seeds)} | " + " | ".join("{:+.2f} ± {:.2f}".format(*interval(d(n)))
-                                                                 for n in MATH_SPLITS.values()) + " |")
-    out.append("| paper, TinyLlama-1.1B all weights | 1 | - | " + " | ".join(PAPER_MATH.values()) + " |")
-    by_machine = Counter(f"{machine(r['machine'])}, {r['threads']} thread(s) each, {r['runs_at_once']} "
-                         f"runs at once" for r in runs.values())
-    out.append("\nruns by machine: " + "; ".join(f"{k}: {n}" for k, n in by_machine.items()))
+    """The study's tables, from the record's MAWPS lines: README appendix B's (math_tables), the minutes and memory of
+    a run, the machines."""
+    tables, chosen = math_tables(runs), math_alpha(runs)
+    before = {n: sorted({r["figures"][n]["baselines"]["before tuning"] for r in runs.values()})
+              for n in ("MAWPS", "SVAMP", "ASDiv")}
+    out = [f"alpha grid, seed {MATH_GRID_SEED}: chosen on the validation rows (the test sets are shown, not used)",
+           markdown(*tables["mawps grid"]),
+           f"chosen: alpha {chosen:g}" if chosen is not None else "chosen: none yet (the grid is not complete)",
+           "\nreferences, accuracy in percent: the model before tuning (greedy, the same prompts), rules on the "
+           "question's numbers", markdown(*tables["mawps references"])]
+    out += [f"before tuning differs between runs on {n}: {before[n]}" for n in before if len(before[n]) > 1]
+    out += ["\narms over the seeds complete in every arm, mean ± sd", markdown(*tables["mawps arms"]),
+            "\nCAT - vanilla, paired by seed: mean ± half-width of the 95% t-interval, in points",
+            markdown(*tables["mawps pairs"]),
+            "paper, TinyLlama-1.1B all weights, one run each: " + "; ".join(f"{k} {v}" for k, v in PAPER_MATH.items())]
+    minutes = [r["minutes"] for r in runs.values()]
+    out.append(f"\nminutes a run: {fmean(minutes):.1f} ({min(minutes):.1f} to {max(minutes):.1f}); peak memory a run: "
+               f"{max(r['peak_mb'] for r in runs.values()) / 1024:.1f} GB; runs by machine: " + "; ".join(
+                   f"{k}: {n}" for k, n in Counter(f"{machine(r['machine'])}, {r['threads']} thread(s) each, "
+                                                   f"{r['runs_at_once']} runs at once, {r['date']}"
+                                                   for r in runs.values()).items()))
     return "\n".join(out)
 
 
@@ -2848,6 +2947,59 @@ def test_bench_smollm2_math_pairs():
         pytest.skip("the record holds no MAWPS run yet")
     print(f"\n{time.strftime('%Y-%m-%d')}, the record {os.path.relpath(PAIRS_RECORD, HERE)}: {len(runs)} MAWPS runs\n"
           + math_report(runs))
+
+
+class Dom(html.parser.HTMLParser):
+    """A browser's DOM (--dump-dom: every element closed): each element's tag, attributes and ancestors."""
+
+    def __init__(self, text):
+        super().__init__()
+        self.stack, self.elements = [], []
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.append((tag, dict(attrs), tuple(self.stack)))
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if tag in self.stack:
+            del self.stack[len(self.stack) - 1 - self.stack[::-1].index(tag):]
+
+
+@bench
+def test_bench_attention_page_in_chromium(tmp_path):
+    """attention.html as a browser builds it: two runs side by side (--compare) loaded in headless Chromium
+    (`--dump-dom`): the three curves stand outside every table, the summary table holds one row per run and split,
+    the rows table one per shown row; a screenshot is saved beside the run (attention.png)."""
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium here: apt-get install chromium")
+    for name, split, n in [("train", "train", 48), ("test", "test", 16), ("ood", "ood", 16)]:
+        stg.write_jsonl(tmp_path / f"{name}.jsonl", stg.make_split("stg_e", split, n))
+    files = ["--train", "train.jsonl", "--test", "test.jsonl", "--ood", "ood.jsonl", "--epochs", "2"]
+    assert run_cat(*files, "--alpha", "0", "--out", "vanilla", cwd=tmp_path).returncode == 0
+    assert run_cat(*files, "--out", "cat", "--compare", "vanilla", cwd=tmp_path).returncode == 0
+    page, out = tmp_path / "cat" / "attention.html", os.path.join(BENCH, "attention_page")
+    os.makedirs(out, exist_ok=True)
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,2400"]
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    subprocess.run([*flags, f"--screenshot={out}/attention.png", page.as_uri()], capture_output=True, timeout=120)
+    shutil.copy(page, out)
+    elements = Dom(dom).elements
+    order = [tag for tag, _, _ in elements if tag in ("table", "svg")]  # the page's parts, in order
+    inside = [tag for tag, _, ancestors in elements if tag in ("svg", "figure") and "table" in ancestors]
+    rows = []  # rows of each table, its header row included
+    for tag, _, _ in elements:
+        rows += [0] if tag == "table" else []
+        rows[-1:] = [rows[-1] + 1] if tag == "tr" else rows[-1:]
+    version = subprocess.run([browser, "--version"], capture_output=True, text=True).stdout.strip()
+    print(f"\n{time.strftime('%Y-%m-%d')}, {version}: parts in order {order}, curves inside a table {len(inside)}, "
+          f"rows of each table {rows}; screenshot {out}/attention.png")
+    assert order == ["table", "svg", "svg", "svg", "table"] and inside == []  # the summary, the curves, the rows
+    assert rows[0] == 1 + 2 * 2 and rows[1] >= 3 and os.path.getsize(f"{out}/attention.png") > 10_000
 
 
 def word_problems(n, seed=0):
