@@ -138,6 +138,7 @@ add("--retries", type=int, default=5, help="attempts per request (timeouts, repl
 add("--backoff", type=float, default=1.0, help="seconds before the first retry, doubled each "
     "time, +-50%% jitter (Retry-After wins)")
 
+
 class RowFailed(Exception):
     """This row could not be annotated: the message says why."""
 
@@ -308,9 +309,8 @@ def check_flags(args):
 
 
 def saved_rows(rows, path):
-    """({input index: row saved by an earlier run}, the saved rows that match no input row, in
-    their saved order: kept, never lost), cutting a torn last line (a killed write) off `path`
-    first; identical input rows are matched one-to-one, in order."""
+    """({input index: its row saved by an earlier run}, the saved rows of no input row, kept in
+    order), a torn last line (a killed write) cut off `path` first; equal rows match in order."""
     if not os.path.exists(path):
         return {}, []
     with open(path, "rb+") as f:

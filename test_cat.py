@@ -804,6 +804,33 @@ def test_cat_bad_flags_and_files_are_named_before_any_model(tmp_path, case, monk
     assert status == 2 and want in err.splitlines()[-1] and len(err.splitlines()) <= 2, err
 
 
+def test_help_says_each_default_once_and_the_models_where_they_depend_on_it():
+    """--help shows every default once: the model's (DEFAULTS) for the flags that take it, never 'None'."""
+    chunks = {c.split()[0].rstrip(","): " ".join(c.split()) for c in re.split(r"\n  (?=-)", cat.parser.format_help())}
+    assert all("(default: None)" not in c and c.count("(default:") <= 1 for c in chunks.values())
+    for flag in cat.PAPER:
+        assert chunks[f"--{flag.replace('_', '-')}"].endswith("(default: model's default, DEFAULTS)")
+    text = " ".join(chunks.values())
+    assert text.count("(default: longest answer + 8)") == 1 and "(default: 64)" in text
+
+
+def test_gradient_x_input_shares_stay_finite_when_a_row_has_none(stg_rows, tiny_tokenizer, monkeypatch):
+    """A row whose gradient x input is zero everywhere (a saturated answer, say) adds zero shares, not NaN."""
+    args = tiny_args("--analysis-rows", "4", "--max-new-tokens", "3")
+    model, tok = cat.load_model(args, stg_rows, torch.device("cpu"), None)
+    real = cat.answer_row_looks
+
+    def zero_first(*a, **kw):
+        looks = real(*a, **kw)
+        looks[0]["gradxinput"] = torch.zeros_like(looks[0]["gradxinput"])
+        return looks
+    others = cat.evaluate(model, tok, stg_rows[1:4], args, torch.device("cpu"), None)[0]["gradxinput"]
+    monkeypatch.setattr(cat, "answer_row_looks", zero_first)
+    shares = cat.evaluate(model, tok, stg_rows[:4], args, torch.device("cpu"), None)[0]["gradxinput"]
+    assert all(math.isfinite(v) for v in shares.values()) and sum(others.values()) > 0
+    assert shares == pytest.approx({k: 3 / 4 * v for k, v in others.items()}, rel=1e-3, abs=2e-5)  # a row of zeros
+
+
 def test_cat_reads_a_bom_crlf_and_blank_lines(tmp_path):
     rows = stg.make_split("stg_e", "train", 3)
     text = "\r\n\r\n".join(json.dumps(r) for r in rows) + "\r\n"
