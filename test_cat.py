@@ -2489,7 +2489,7 @@ PAIRS_FLAGS = ["--model=smollm2", "--analysis-rows=100", "--gamma-decay"]
 # Student's t, the 97.5% quantile, by degrees of freedom (seeds - 1)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093}
-# the paper's Table 1, STG_E OOD, (vanilla, CAT) in its 15 cells, row labels reordered as in README appendix A; always
+# the paper's Table 1, STG_E OOD, (vanilla, CAT) in its 15 cells, row labels reordered as in README appendix G; always
 # "Low Risk" scores 66.5 on the authors' OOD file
 PAPER_OOD_CELLS = [(53.5, 63.75), (60.75, 66.25), (65.25, 77.0), (59.25, 65.5), (56.75, 63.5), (61.5, 69.5),
                    (53.5, 62.5), (79.0, 79.0), (79.75, 83.25), (78.5, 78.5), (82.0, 88.0), (82.0, 84.25),
