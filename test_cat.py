@@ -1904,7 +1904,7 @@ def run_one(folder, flags, threads):
         print(f"{time.strftime('%H:%M')} {folder}: {done['seconds'] / 60:.1f} min", flush=True)
     with open(os.path.join(out, "metrics.json")) as f:
         return dict(json.load(f), seconds=done["seconds"], peak_mb=done.get("peak_mb"), code=done["code"],
-                    folder=folder)
+                    resumed=done.get("resumed", False), folder=folder)
 
 
 def run_many(jobs, at_once=None):
@@ -2267,6 +2267,33 @@ def test_bench_bf16_autocast_matches_float32():
     else:
         print(f"bf16 not measured: {why}")
     target("float32 run", f"{runs['no-amp']['seconds'] / 60:.1f} min", "<= 15", runs["no-amp"]["seconds"] <= 900)
+
+
+@bench
+def test_bench_two_runs_at_once_on_a_cpu(tmp_path):
+    """Two cat.py runs at once on a CPU, as the studies run them: ms a step with torch's default threads (one per core
+    each, so the two fight over every core) against OMP_NUM_THREADS = cores / 2 each, beside one run alone with every
+    core. SmolLM2, all weights, 8 steps of 8 STG_E rows (about 100 tokens each), no test; the median of steps 2-8."""
+    stg.write_jsonl(tmp_path / "train.jsonl", stg.make_split("stg_e", "train", 64))
+    cores, env = os.cpu_count(), {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    setups = {"one run alone, default threads": (1, None), "two at once, default threads": (2, None),
+              f"two at once, {max(1, cores // 2)} thread(s) each": (2, max(1, cores // 2))}
+    ms = {}
+    for name, (n, threads) in setups.items():
+        runs = [subprocess.Popen([sys.executable, os.path.join(HERE, "cat.py"), "--model", "smollm2", "--train",
+                                  "train.jsonl", "--test", "", "--ood", "--epochs", "1", "--batch-size", "8",
+                                  "--grad-accum", "1", "--log-every", "0", "--out", f"out_{k}"], cwd=tmp_path,
+                                 env=dict(env, **({"OMP_NUM_THREADS": str(threads)} if threads else {})),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for k in range(n)]
+        for p in runs:
+            assert p.wait() == 0, p.stderr.read()[-2000:]
+        steps = sorted(r["ms"] for k in range(n)
+                       for r in json.load(open(tmp_path / f"out_{k}" / "metrics.json"))["log"][1:])
+        ms[name] = steps[len(steps) // 2]
+    print(f"\n{time.strftime('%Y-%m-%d')}, {machine()}, SmolLM2 all weights, 8 x 8 STG_E rows (code {code_hash()}), "
+          "ms a step (median of steps 2-8 of each run): " + "; ".join(f"{k} {v}" for k, v in ms.items()))
+    slow, fast = ms["two at once, default threads"], list(ms.values())[2]
+    target("two at once: threads set / default", f"x{fast / slow:.2f}", "< 1", fast < slow)
 
 
 @bench
@@ -2882,7 +2909,7 @@ def math_line(arm, seed, flags, up, m, threads):
     return {"version": PAIRS_VERSION, "task": "mawps", "arm": arm, "seed": seed,
             "flags": [f.replace(up, "$CAT_UPSTREAM") for f in flags], "code": m["code"],  # the code that ran
             "machine": machine_record(), "threads": threads, "runs_at_once": 2, "date": time.strftime("%Y-%m-%d"),
-            "minutes": round(m["seconds"] / 60, 1), "peak_mb": m["peak_mb"], "steps": len(log),
+            "minutes": round(m["seconds"] / 60, 1), "resumed": m["resumed"], "peak_mb": m["peak_mb"], "steps": len(log),
             "steps_attn": sum(r["L_attn"] > 0 for r in log), "l_attn_mean": round(fmean(r["L_attn"] for r in log), 5),
             "cn_first": log[0]["C/N"], "cn_last": log[-1]["C/N"], "figures": figures}
 
@@ -2896,7 +2923,7 @@ def grow_math_record(up, budget_minutes):
     def next_job():
         with lock:
             runs = read_math_record()
-            minutes = [r["minutes"] for r in runs.values()] or [60]
+            minutes = [r["minutes"] for r in runs.values() if not r.get("resumed")] or [60]  # whole runs
             if (time.time() - t0) / 60 + fmean(minutes) > budget_minutes:
                 return None
             chosen = math_alpha(runs)  # the grid first; the chosen arm's seeds join once it is known
@@ -2948,9 +2975,11 @@ def math_report(runs):
             "\nCAT - vanilla, paired by seed: mean ± half-width of the 95% t-interval, in points",
             markdown(*tables["mawps pairs"]),
             "paper, TinyLlama-1.1B all weights, one run each: " + "; ".join(f"{k} {v}" for k, v in PAPER_MATH.items())]
-    minutes = [r["minutes"] for r in runs.values()]
+    whole = [r for r in runs.values() if not r.get("resumed")]  # a resumed run's minutes and memory: its last part
+    minutes = [r["minutes"] - r.get("paused_minutes", 0) for r in whole]  # less a pause for another benchmark
     out.append(f"\nminutes a run: {fmean(minutes):.1f} ({min(minutes):.1f} to {max(minutes):.1f}); peak memory a run: "
-               f"{max(r['peak_mb'] for r in runs.values()) / 1024:.1f} GB; runs by machine: " + "; ".join(
+               f"{max(r['peak_mb'] for r in whole) / 1024:.1f} GB ({len(runs) - len(whole)} resumed runs left out "
+               "of both); runs by machine: " + "; ".join(
                    f"{k}: {n}" for k, n in Counter(f"{machine(r['machine'])}, {r['threads']} thread(s) each, "
                                                    f"{r['runs_at_once']} runs at once, {r['date']}"
                                                    for r in runs.values()).items()))
