@@ -2284,9 +2284,10 @@ def test_bench_two_runs_at_once_on_a_cpu(tmp_path):
                                   "train.jsonl", "--test", "", "--ood", "--epochs", "1", "--batch-size", "8",
                                   "--grad-accum", "1", "--log-every", "0", "--out", f"out_{k}"], cwd=tmp_path,
                                  env=dict(env, **({"OMP_NUM_THREADS": str(threads)} if threads else {})),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for k in range(n)]
-        for p in runs:
-            assert p.wait() == 0, p.stderr.read()[-2000:]
+                                 stdout=open(tmp_path / f"out_{k}.log", "w"), stderr=subprocess.STDOUT)
+                for k in range(n)]
+        for k, p in enumerate(runs):
+            assert p.wait() == 0, (tmp_path / f"out_{k}.log").read_text()[-2000:]
         steps = sorted(r["ms"] for k in range(n)
                        for r in json.load(open(tmp_path / f"out_{k}" / "metrics.json"))["log"][1:])
         ms[name] = steps[len(steps) // 2]
@@ -2914,6 +2915,12 @@ def math_line(arm, seed, flags, up, m, threads):
             "cn_first": log[0]["C/N"], "cn_last": log[-1]["C/N"], "figures": figures}
 
 
+def whole_runs(runs):
+    """The runs that ran start to end in one go, with their minutes less any pause (a resumed run's minutes and
+    memory are its last part's)."""
+    return [dict(r, minutes=r["minutes"] - r.get("paused_minutes", 0)) for r in runs.values() if not r.get("resumed")]
+
+
 def grow_math_record(up, budget_minutes):
     """Run what the record lacks, two runs at a time (threads: cores / 2 each), each appended when it ends: the grid
     (seed 42), then seeds 42-47 of vanilla and alpha 0.3, and of the grid's choice once it is known. No run starts
@@ -2923,7 +2930,7 @@ def grow_math_record(up, budget_minutes):
     def next_job():
         with lock:
             runs = read_math_record()
-            minutes = [r["minutes"] for r in runs.values() if not r.get("resumed")] or [60]  # whole runs
+            minutes = [r["minutes"] for r in whole_runs(runs)] or [60]
             if (time.time() - t0) / 60 + fmean(minutes) > budget_minutes:
                 return None
             chosen = math_alpha(runs)  # the grid first; the chosen arm's seeds join once it is known
@@ -2975,8 +2982,8 @@ def math_report(runs):
             "\nCAT - vanilla, paired by seed: mean ± half-width of the 95% t-interval, in points",
             markdown(*tables["mawps pairs"]),
             "paper, TinyLlama-1.1B all weights, one run each: " + "; ".join(f"{k} {v}" for k, v in PAPER_MATH.items())]
-    whole = [r for r in runs.values() if not r.get("resumed")]  # a resumed run's minutes and memory: its last part
-    minutes = [r["minutes"] - r.get("paused_minutes", 0) for r in whole]  # less a pause for another benchmark
+    whole = whole_runs(runs)
+    minutes = [r["minutes"] for r in whole]
     out.append(f"\nminutes a run: {fmean(minutes):.1f} ({min(minutes):.1f} to {max(minutes):.1f}); peak memory a run: "
                f"{max(r['peak_mb'] for r in whole) / 1024:.1f} GB ({len(runs) - len(whole)} resumed runs left out "
                "of both); runs by machine: " + "; ".join(
