@@ -2536,6 +2536,12 @@ def interval(diffs):
     return m, (T975[len(diffs) - 1] * s / math.sqrt(len(diffs)) if len(diffs) > 1 else float("nan"))
 
 
+def signed_interval(diffs):
+    """'+0.73 ± 1.00' (mean ± half-width, points; a mean that rounds to zero is +0.00, not −0.00)."""
+    m, h = interval(diffs)
+    return f"{round(m, 2) + 0.0:+.2f} ± {h:.2f}".replace("-", "−")
+
+
 def authors_scoring(folder, rows):
     """A saved run scored the paper's way: the prompt keeps its trailing space, the answer is the generated text
     after it, stripped, and must equal the target exactly (the authors' evaluation script). {split: accuracy}."""
@@ -2701,7 +2707,6 @@ def spread(xs, fmt="{:.0f}"):
 def stg_tables(record):
     """{name: (header, rows)} of the STG pairs study (README appendix A), from its complete seeds."""
     pct = lambda xs: "{:.1f} ± {:.1f}".format(*mean_std([100 * x for x in xs]))
-    ci = lambda d: "{:+.2f} ± {:.2f}".format(*interval(d)).replace("-", "−")
     arms_rows, pair_rows = [], []
     for regime, arms in PAIRS_ARMS.items():
         seeds = sorted(s for g, s in record if g == regime)
@@ -2717,9 +2722,9 @@ def stg_tables(record):
                 continue
             d = lambda split, key: [100 * (record[regime, s][arm]["figures"][split][key]
                                            - record[regime, s]["vanilla"]["figures"][split][key]) for s in seeds]
-            pair_rows.append([f"{regime} {arm_label(arm)}", str(len(seeds)), ci(d("iid", "accuracy")),
-                              ci(d("ood", "accuracy")), ci(d("ood", "disagree")),
-                              f"{ci(d('iid', 'authors'))} / {ci(d('ood', 'authors'))}",
+            pair_rows.append([f"{regime} {arm_label(arm)}", str(len(seeds)), signed_interval(d("iid", "accuracy")),
+                              signed_interval(d("ood", "accuracy")), signed_interval(d("ood", "disagree")),
+                              f"{signed_interval(d('iid', 'authors'))} / {signed_interval(d('ood', 'authors'))}",
                               f"{spread([r['steps_attn'] for r in rs])} of {rs[0]['steps']}"])
     return {
         "stg arms": (["regime, arm", "validation", "IID", "OOD", '"Low Risk" answers, IID / OOD',
@@ -2755,8 +2760,7 @@ def math_tables(runs):
                              f"{fmean(r['cn_first'] for r in rs):.2f} → {fmean(r['cn_last'] for r in rs):.2f}"])
         if arm != "vanilla" and len(seeds) > 1:
             d = lambda n: [100 * (acc(runs[arm, s], n) - acc(runs["vanilla", s], n)) for s in seeds]
-            pair_rows.append([arm_label(arm), str(len(seeds)), *("{:+.2f} ± {:.2f}".format(*interval(d(n)))
-                                                                 .replace("-", "−") for n in MATH_SPLITS.values())])
+            pair_rows.append([arm_label(arm), str(len(seeds)), *(signed_interval(d(n)) for n in MATH_SPLITS.values())])
     refs = []
     if runs:
         first = next(iter(runs.values()))["figures"]
@@ -2811,6 +2815,8 @@ def test_readme_tables_are_what_the_records_give():
     assert {"stg arms", "stg pairs"} <= set(readme) and set(readme) <= set(tables), set(readme)
     assert all(record == "results/smollm2_pairs.jsonl" for record, _, _ in readme.values())
     assert table_errors(readme, tables) == []
+    assert signed_interval([-1, -2, -3]) == "−2.00 ± 2.48"  # 4.303 * 1 / sqrt(3); minus signs as the README's
+    assert signed_interval([0.3, -0.1, -0.2]) == "+0.00 ± 0.66"  # a mean of -9e-18 is no loss
     verdict = text[text.index("**Does it work?**"):].split("\n\n")[0]
     cells = {c for _, rows in tables.values() for row in rows for c in row}
     quoted = re.findall(r"[+−]\d+\.\d+ ± \d+\.\d+", verdict)
