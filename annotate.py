@@ -310,19 +310,22 @@ def check_flags(args):
 
 def saved_rows(rows, path):
     """({input index: its row saved by an earlier run}, the saved rows of no input row, kept in
-    order), a torn last line (a killed write) cut off `path` first; equal rows match in order."""
+    order); equal rows match in order. A last line with no newline is ended, or cut if torn."""
     if not os.path.exists(path):
         return {}, []
     with open(path, "rb+") as f:
-        data = f.read()
-        f.truncate(data.rfind(b"\n") + 1)
+        tail = f.read().rsplit(b"\n", 1)[-1]
+        try:
+            f.write(b"\n" if json.loads(tail or "0") else b"")
+        except ValueError:
+            f.truncate(f.tell() - len(tail))
+            print(f"{path}: cut off its torn last line ({len(tail)} bytes, left by a killed write)")
     key = lambda r: json.dumps({k: v for k, v in r.items() if k != "important"}, sort_keys=True)
     saved, spare = read_rows(path), {}
     for r in saved:
         spare.setdefault(key(r), []).append(r)  # the saved copies of each input row, in order
     done = {i: spare[key(row)].pop(0) for i, row in enumerate(rows) if spare.get(key(row))}
-    taken = {id(r) for r in done.values()}
-    return done, [r for r in saved if id(r) not in taken]
+    return done, [r for r in saved if any(r is s for s in spare[key(r)])]  # the copies left
 
 
 def main(argv=None):
@@ -335,10 +338,10 @@ def main(argv=None):
     failed_path, tally = re.sub(r"(\.jsonl)?$", ".failed.jsonl", args.output, count=1), client.tally
     print(f"{len(rows)} rows: {len(done)} saved by an earlier run, {len(todo)} to ask "
           f"{args.base_url} ({args.model}); {len(unmatched)} saved rows match no input row: kept")
-    bar = tqdm(total=len(todo), desc="annotate", disable=None)
-    with open(args.output, "a", encoding="utf-8") as out, \
-            open(failed_path, "w", encoding="utf-8") as failed, \
-            concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
+    with open(args.output, "a", encoding="utf-8", buffering=1) as out, \
+            open(failed_path, "w", encoding="utf-8", buffering=1) as failed, \
+            concurrent.futures.ThreadPoolExecutor(args.workers) as pool, \
+            tqdm(total=len(todo), desc="annotate", disable=None) as bar:
         futures = {pool.submit(annotate_row, rows[i], template, args, client): i for i in todo}
         try:
             for future in concurrent.futures.as_completed(futures):
@@ -347,18 +350,15 @@ def main(argv=None):
                 if row is None:
                     failed.write(json.dumps({"line": i + 1, "reason": reason, "row": rows[i]},
                                             ensure_ascii=False) + "\n")
-                else:  # a kill loses at most the line being written: repaired next run
+                else:  # flushed a line at a time: a kill tears one line at most, cut next run
                     out.write(json.dumps(row, ensure_ascii=False) + "\n")
                     done[i] = row
-                for f in (out, failed):
-                    f.flush()
                 client.count(ok=row is not None, failed=row is None, dropped=dropped)
                 bar.update()
                 bar.set_postfix(ok=tally["ok"], failed=tally["failed"])
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
-    bar.close()
     # rewrite the output in input order, then the rows of no input; os.replace is atomic
     with open(args.output + ".tmp", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n"

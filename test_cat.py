@@ -1594,6 +1594,7 @@ def test_annotate_resumes_after_kill_9(tmp_path, endpoint):
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert second.returncode == 1, second.stderr  # three rows failed: rerun to ask them again
     assert f"{len(saved)} saved by an earlier run" in second.stdout
+    assert f"{out}: cut off its torn last line (31 bytes, left by a killed write)" in second.stdout
     good = [n for n, k in enumerate(kinds) if k != "nolink"]
     assert [r["id"] for r in read(out)] == good                  # all 37 good rows, once each, in input order
     failed = read(tmp_path / "out.failed.jsonl")
@@ -1825,6 +1826,20 @@ def test_annotate_keeps_saved_rows_that_match_no_input_row(tmp_path, endpoint):
     after = read(tmp_path / "out.jsonl")
     assert all(row in after for row in first) and len(after) == 8
     assert [a["id"] for a in after] == [0, 1, 2, 3, 4, 5, 6, 2] and after[-1] == first[2]  # input order, then the rest
+
+
+def test_annotate_keeps_a_whole_last_line_that_has_no_newline(tmp_path, endpoint):
+    """A saved file whose last line is a whole row without its newline (as the authors' STG training files end) loses
+    nothing: that row, of no input row now, is kept, and the new row gets a line of its own."""
+    rows = raw_rows(["good"] * 3)
+    stg.write_jsonl(tmp_path / "raw.jsonl", rows[:2])
+    server = endpoint()
+    annotate.main(annotate_args(tmp_path, server.url))
+    out = tmp_path / "out.jsonl"
+    out.write_bytes(out.read_bytes().rstrip(b"\n"))  # row 1, the last line, whole but not ended
+    stg.write_jsonl(tmp_path / "raw.jsonl", [rows[0], rows[2]])
+    tally = annotate.main(annotate_args(tmp_path, server.url))
+    assert [r["id"] for r in read(out)] == [0, 2, 1] and tally["requests"] == 1 and len(server.log) == 3
 
 
 def test_retry_after_forms():
