@@ -315,8 +315,8 @@ def saved_rows(rows, path):
         return {}, []
     with open(path, "rb+") as f:
         tail = f.read().rsplit(b"\n", 1)[-1]
-        try:
-            f.write(b"\n" if json.loads(tail or "0") else b"")
+        try:  # a last line without its newline: ended if whole, cut if torn (not JSON)
+            f.write(b"\n" if tail and json.loads(tail) else b"")
         except ValueError:
             f.truncate(f.tell() - len(tail))
             print(f"{path}: cut off its torn last line ({len(tail)} bytes, left by a killed write)")
