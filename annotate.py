@@ -33,9 +33,10 @@ class Fatal(Exception):
     """Stop the run: bad input (named by file, line and field), or an endpoint that cannot work."""
 
 
-def read_rows(path, need_important=False):
+def read_rows(path, need_important=False, lines=None):
     """The rows of a JSONL file, each checked by check_row; Fatal names the file, line and field
-    of the first bad one. `need_important`: every row must have links (training files)."""
+    of the first bad one. `need_important`: every row must have links (training files). `lines`,
+    a list, gets each row's line number."""
     with open(path, "rb") as f:
         data = f.read()
     rows = []
@@ -47,6 +48,7 @@ def read_rows(path, need_important=False):
                         f"{e.start + 1}); is it a JSONL file?") from None
         if line.strip():
             rows.append(check_row(path, n, line, need_important))
+            lines is None or lines.append(n)
     return rows
 
 

