@@ -2860,8 +2860,14 @@ def measured(folder, paths, base=None):
     scored = authors_scoring(folder, {s: cat.read_rows(paths[s]) for s in ("iid", "ood")})
     cn, rows = {}, cat.read_rows(paths["train"])[:-200]  # the rows trained on: the last 200 are --val's
     for when, name in (("before", base), ("after", folder)) if base else ():
+        saved = os.path.join(BENCH, f"cn_before_{name}_{code_hash()}.json")  # the same for every run of a model
+        if when == "before" and os.path.exists(saved):
+            cn[when] = json.load(open(saved))
+            continue
         model, tok = cat.load_pretrained(name, torch.float32, "eager")
         cn[when] = [mean_cn(model, tok, rows, skip) for skip in (False, True)]
+        if when == "before":
+            json.dump(cn[when], open(saved, "w"))
     print(json.dumps(dict(authors=scored, cn=cn)))
 
 
@@ -2900,12 +2906,13 @@ def stg_s_tests():
 
 
 def read_record():
-    """The record's runs of this PAIRS_VERSION: {(regime, seed): {arm: line}}, complete seeds only."""
+    """The record's runs of this PAIRS_VERSION: {(regime, seed): {arm: line}}, complete seeds only (the first-token
+    study's lines are read_study's)."""
     seeds = {}
     if os.path.exists(PAIRS_RECORD):
         for line in open(PAIRS_RECORD, encoding="utf-8"):
             r = json.loads(line)
-            if r["version"] == PAIRS_VERSION and r.get("task", "stg_e") == "stg_e":
+            if r["version"] == PAIRS_VERSION and r.get("task", "stg_e") == "stg_e" and "study" not in r:
                 seeds.setdefault((r["regime"], r["seed"]), {})[r["arm"]] = r
     return {k: v for k, v in seeds.items() if set(v) == set(PAIRS_ARMS[k[0]])}
 
@@ -3371,13 +3378,13 @@ def read_study(name):
 
 def switch_alpha(name, runs):
     """The grid's choice, or None until every grid run is in: of the alphas whose hinge acts (L_attn > 0) on more than
-    half of the steps, the one with the best validation accuracy (the smaller on a tie)."""
+    half of the steps (all of them, if none does), the one with the best validation accuracy (the smaller on a tie)."""
     grid = [runs.get((switch_arm(a), SWITCH_SEED)) for a in STUDIES[name]["grid"]]
     if None in grid:
         return None
-    acting = [(r["figures"]["val"]["accuracy"], -a) for a, r in zip(STUDIES[name]["grid"], grid)
-              if 2 * r["steps_attn"] > r["steps"]]
-    return -max(acting)[1] if acting else None
+    scored = [(r["figures"]["val"]["accuracy"], -a, 2 * r["steps_attn"] > r["steps"])
+              for a, r in zip(STUDIES[name]["grid"], grid)]
+    return -max(x[:2] for x in scored if x[2] or not any(y[2] for y in scored))[1]
 
 
 def study_arms(name, runs):
