@@ -417,7 +417,7 @@ def main(argv=None):
 # STG, gamma = exp(-epoch)); 16 rows x 4 micro-batches a step, from the authors' train_general.py
 # (github.com/Kairong-Han/CAT, commit 127dfd0), whose other defaults the paper overrides; alpha
 # 0.2, the paper's for all weights on STG_H (0.6 for TinyLlama on STG_E). The built-in model: what
-# it needs to learn STG from scratch. SmolLM2: chosen on validation rows (README, D). Gemma 3: alpha
+# it needs to learn STG from scratch. SmolLM2: chosen on validation rows (README, C). Gemma 3: alpha
 # 0.6, above its C/N before training (0.33 on STG_S), so that the hinge acts.
 PAPER = dict(alpha=0.2, gamma_decay=True, epochs=6, lr=5e-5, batch_size=16, grad_accum=4)
 SMOL = dict(alpha=0.37, gamma_decay=True, epochs=3, lr=1e-4, batch_size=8, grad_accum=1)

@@ -2801,7 +2801,7 @@ PAIRS_FLAGS = ["--model=smollm2", "--analysis-rows=100", "--gamma-decay"]
 # Student's t, the 97.5% quantile, by degrees of freedom (seeds - 1)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093}
-# the paper's Table 1, STG_E OOD, (vanilla, CAT) in its 15 cells, row labels reordered as in README appendix G; always
+# the paper's Table 1, STG_E OOD, (vanilla, CAT) in its 15 cells, row labels reordered as in README appendix F; always
 # "Low Risk" scores 66.5 on the authors' OOD file
 PAPER_OOD_CELLS = [(53.5, 63.75), (60.75, 66.25), (65.25, 77.0), (59.25, 65.5), (56.75, 63.5), (61.5, 69.5),
                    (53.5, 62.5), (79.0, 79.0), (79.75, 83.25), (78.5, 78.5), (82.0, 88.0), (82.0, 84.25),
@@ -3346,8 +3346,8 @@ def test_bench_smollm2_math_pairs():
           + math_report(runs))
 
 
-# the first-token studies: SmolLM2 with --skip-first (README appendix A) and a second family, Gemma 3 270M (appendix
-# H), both on STG_S in regime A (the paper's recipe, the same 200 validation rows). The switch's alpha is chosen on
+# the first-token studies: SmolLM2 with --skip-first (README appendix A) and a second family, Gemma 3 270M, both
+# on STG_S in regime A (the paper's recipe, the same 200 validation rows). The switch's alpha is chosen on
 # validation at seed 42 from a grid above the model's C/N before training with the first token left out (over STG_S's
 # 400 training rows, bf16: SmolLM2 0.609, Gemma 3 0.552; 1.5, 2 and 3 times it), the best on validation (the study
 # began with appendix B's further rule, the hinge acting on over half of the steps, which took SmolLM2's 1.8, the worst
@@ -3445,7 +3445,7 @@ def grow_studies(names, budget_minutes):
 
 
 def study_tables(name, runs):
-    """{name: (header, rows)} of a first-token study (README appendix A's switch, H): the grid, the arms over the seeds
+    """{name: (header, rows)} of a first-token study (README appendix A's switch): the grid, the arms over the seeds
     complete in every arm, and CAT - vanilla paired by seed."""
     pct = lambda xs: "{:.1f} ± {:.1f}".format(*mean_std([100 * x for x in xs])) if len(xs) > 1 else \
         f"{100 * xs[0]:.1f}"
